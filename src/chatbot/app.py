@@ -1,0 +1,78 @@
+"""The application: built once per process by `create_app`, wired in its lifespan."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from chatbot import health
+from chatbot.chat.router import router as chat_router
+from chatbot.config import Settings
+from chatbot.conversations.router import router as conversations_router
+from chatbot.db import create_engine, create_sessionmaker, migrate
+from chatbot.errors import install_error_handlers
+from chatbot.llm.client import LLMClient
+from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
+from chatbot.llm.openai_client import OpenAIChatClient
+from chatbot.messages.router import router as messages_router
+from chatbot.middleware import RequestIdMiddleware
+from chatbot.streams.registry import GenerationRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def build_llm(settings: Settings) -> LLMClient:
+    if settings.uses_demo_model:
+        logger.warning(
+            "no OPENAI_API_KEY or OPENAI_BASE_URL: replies come from the offline demo model (%s)",
+            DEMO_MODEL,
+        )
+        return DemoChatClient(delay_seconds=settings.demo_delay_ms / 1000)
+    logger.info(
+        "model provider: %s, default model %s",
+        settings.openai_base_url or "OpenAI",
+        settings.model,
+    )
+    return OpenAIChatClient(settings)
+
+
+def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.check_startup()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
+        if settings.should_auto_migrate:
+            await migrate(engine)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        app.state.llm = llm or build_llm(settings)
+        app.state.registry = GenerationRegistry()
+        logger.info("authentication: %s", settings.auth_mode)
+        try:
+            yield
+        finally:
+            await app.state.registry.shutdown()
+            await app.state.llm.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="chatbot",
+        version="0.1.0",
+        summary="Persistent conversations with any OpenAI-compatible model, streamed over SSE.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health.router)
+    app.include_router(conversations_router)
+    app.include_router(messages_router)
+    app.include_router(chat_router)
+    return app

@@ -1,0 +1,36 @@
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from chatbot.auth.tokens import MAX_USER_ID_LENGTH, verify_token
+from chatbot.config import is_loopback_host
+from chatbot.deps import SettingsDep
+from chatbot.errors import BadRequest, Unauthorized
+
+LOCAL_USER = "local"
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def current_user(request: Request, settings: SettingsDep) -> str:
+    if settings.auth_mode == "none":
+        # Defence in depth: even if the process was started some other way, an
+        # unauthenticated service answers only on loopback.
+        server = request.scope.get("server")
+        if server and not is_loopback_host(str(server[0])):
+            raise Unauthorized("Authentication is required on this address", headers=_CHALLENGE)
+        user_id = request.headers.get("x-user-id", LOCAL_USER).strip()
+        if not user_id or len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
+            raise BadRequest("X-User-Id is not a valid user id", code="invalid_user_id")
+        return user_id
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("A Bearer token is required", headers=_CHALLENGE)
+    try:
+        return verify_token(settings, token.strip())
+    except Unauthorized as exc:
+        exc.headers = _CHALLENGE
+        raise
+
+
+CurrentUser = Annotated[str, Depends(current_user)]

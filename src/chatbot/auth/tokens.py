@@ -1,0 +1,48 @@
+"""JWT issue and verification (HS256 with the shared secret from settings)."""
+
+import time
+from typing import Any
+
+import jwt
+
+from chatbot.config import Settings
+from chatbot.errors import Unauthorized
+
+ALGORITHM = "HS256"
+MAX_USER_ID_LENGTH = 255
+
+
+def issue_token(settings: Settings, user_id: str, *, ttl_seconds: int = 3600) -> str:
+    if settings.jwt_secret is None:
+        raise ValueError("CHATBOT_JWT_SECRET is not set")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=ALGORITHM)
+
+
+def verify_token(settings: Settings, token: str) -> str:
+    """Return the user id (`sub`) of a valid token; anything else is a 401."""
+    if settings.jwt_secret is None:
+        raise Unauthorized()
+    try:
+        claims = jwt.decode(
+            token,
+            settings.jwt_secret.get_secret_value(),
+            algorithms=[ALGORITHM],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway_seconds,
+            options={"require": ["sub", "exp"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("The token has expired", code="token_expired") from None
+    except jwt.PyJWTError:
+        raise Unauthorized("The token is not valid", code="invalid_token") from None
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject or len(subject) > MAX_USER_ID_LENGTH:
+        raise Unauthorized("The token has no usable subject", code="invalid_token")
+    return subject

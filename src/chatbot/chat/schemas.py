@@ -1,0 +1,37 @@
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatbot.messages.schemas import MessageOut
+from chatbot.validation import Metadata, ModelName, NonBlankText, SystemPrompt, Title
+
+# A hard ceiling for the schema; the configured CHATBOT_MAX_MESSAGE_CHARS applies below it.
+_CONTENT_CEILING = 1_000_000
+
+
+class TurnOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelName | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class SendMessage(TurnOptions):
+    content: NonBlankText = Field(max_length=_CONTENT_CEILING)
+
+
+class ChatRequest(TurnOptions):
+    """`POST /v1/chat`: one call that creates the conversation when none is given."""
+
+    message: NonBlankText = Field(max_length=_CONTENT_CEILING)
+    conversation_id: str | None = Field(default=None, max_length=64)
+    title: Title | None = None
+    system_prompt: SystemPrompt | None = None
+    metadata: Metadata | None = None
+
+
+class TurnOut(BaseModel):
+    conversation_id: uuid.UUID
+    user_message: MessageOut
+    assistant_message: MessageOut

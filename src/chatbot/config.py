@@ -1,0 +1,120 @@
+"""Settings, read once from the environment and `.env`."""
+
+import ipaddress
+from functools import cached_property
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./chatbot.db"
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URLs people paste (`postgres://`, `sqlite:///`) and pick the async driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url.removeprefix("sqlite://")
+    return url
+
+
+class ConfigError(Exception):
+    """A configuration the service refuses to start with."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHATBOT_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("DATABASE_URL", "CHATBOT_DATABASE_URL"),
+    )
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    auto_migrate: bool | None = None
+
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "CHATBOT_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "CHATBOT_OPENAI_BASE_URL")
+    )
+    model: str = "gpt-4o-mini"
+    system_prompt: str = "You are a helpful assistant."
+    upstream_timeout: float = Field(default=60.0, gt=0)
+    upstream_connect_timeout: float = Field(default=10.0, gt=0)
+    upstream_max_retries: int = Field(default=2, ge=0, le=10)
+    upstream_max_connections: int = Field(default=1000, ge=1)
+    request_timeout: float = Field(default=300.0, gt=0)
+    demo_delay_ms: int = Field(default=35, ge=0)
+
+    auth: Literal["jwt", "none"] | None = None
+    jwt_secret: SecretStr | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: int = Field(default=30, ge=0)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    max_message_chars: int = Field(default=32_000, ge=1)
+    max_output_tokens: int = Field(default=16_384, ge=1)
+    history_messages: int = Field(default=50, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("openai_base_url", "jwt_audience", "jwt_issuer")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @cached_property
+    def auth_mode(self) -> Literal["jwt", "none"]:
+        """`jwt` once a secret is configured, `none` for a bare local start."""
+        if self.auth is not None:
+            return self.auth
+        return "jwt" if self.jwt_secret is not None else "none"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return self.openai_api_key is None and self.openai_base_url is None
+
+    def check_startup(self) -> None:
+        """Refuse configurations that would be unsafe to serve."""
+        if self.auth_mode == "jwt":
+            secret = self.jwt_secret.get_secret_value() if self.jwt_secret else ""
+            if len(secret) < 32:
+                raise ConfigError("JWT authentication needs CHATBOT_JWT_SECRET of 32+ characters")
+        if self.auth_mode == "none" and not is_loopback_host(self.host):
+            raise ConfigError(
+                f"authentication is off but CHATBOT_HOST={self.host} is not a loopback address; "
+                "set CHATBOT_JWT_SECRET (or CHATBOT_AUTH=jwt) before listening on a network"
+            )

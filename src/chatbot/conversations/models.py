@@ -1,0 +1,31 @@
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Index, Integer, String, Text, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from chatbot.db import Base, JSONVariant, UTCDateTime, new_id, utcnow
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        # The list endpoint pages a user's conversations by most recent activity.
+        Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(String(255))
+    title: Mapped[str | None] = mapped_column(String(500))
+    model: Mapped[str | None] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONVariant, default=dict)
+    # Doubles as the source of each message's position: messages are numbered from it,
+    # so ordering never depends on clock resolution.
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Set while a reply is being generated; a conditional update on it serialises turns.
+    active_reply_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

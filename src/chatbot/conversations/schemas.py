@@ -1,0 +1,54 @@
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatbot.conversations.models import Conversation
+from chatbot.validation import Metadata, ModelName, SystemPrompt, Title
+
+
+class ConversationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ConversationUpdate(BaseModel):
+    """Only the fields present in the body change; `null` clears a field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    metadata: Metadata | None = None
+
+
+class ConversationOut(BaseModel):
+    id: uuid.UUID
+    title: str | None
+    model: str | None
+    system_prompt: str | None
+    metadata: dict[str, Any]
+    message_count: int
+    created_at: datetime
+    updated_at: datetime
+    last_message_at: datetime | None
+
+    @classmethod
+    def of(cls, conversation: Conversation) -> "ConversationOut":
+        return cls(
+            id=conversation.id,
+            title=conversation.title,
+            model=conversation.model,
+            system_prompt=conversation.system_prompt,
+            metadata=conversation.metadata_ or {},
+            message_count=conversation.message_count,
+            created_at=conversation.created_at,
+            updated_at=conversation.updated_at,
+            last_message_at=conversation.last_message_at,
+        )

@@ -1,0 +1,74 @@
+import uuid
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot.conversations import repository
+from chatbot.conversations.deps import conversation_not_found
+from chatbot.conversations.models import Conversation
+from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
+from chatbot.db import utcnow
+from chatbot.errors import BadRequest
+from chatbot.pagination import Page, decode_cursor, encode_cursor
+
+
+async def create(session: AsyncSession, user_id: str, body: ConversationCreate) -> ConversationOut:
+    conversation = new_conversation(user_id, body)
+    repository.add(session, conversation)
+    await session.commit()
+    return ConversationOut.of(conversation)
+
+
+def new_conversation(user_id: str, body: ConversationCreate) -> Conversation:
+    now = utcnow()
+    return Conversation(
+        id=uuid.uuid4(),
+        user_id=user_id,
+        title=body.title,
+        model=body.model,
+        system_prompt=body.system_prompt,
+        metadata_=body.metadata,
+        message_count=0,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def list_page(
+    session: AsyncSession, user_id: str, *, limit: int, cursor: str | None
+) -> Page[ConversationOut]:
+    before = _conversation_position(cursor) if cursor else None
+    rows = await repository.list_recent(session, user_id, limit=limit + 1, before=before)
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor({"u": last.updated_at.isoformat(), "i": str(last.id)})
+    return Page(data=[ConversationOut.of(row) for row in rows], next_cursor=next_cursor)
+
+
+def _conversation_position(cursor: str) -> tuple[datetime, uuid.UUID]:
+    position = decode_cursor(cursor)
+    try:
+        return datetime.fromisoformat(position["u"]), uuid.UUID(position["i"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest("The cursor is not valid", code="invalid_cursor") from None
+
+
+async def update(
+    session: AsyncSession, conversation: Conversation, body: ConversationUpdate
+) -> ConversationOut:
+    changes = body.model_dump(include=body.model_fields_set)
+    if "metadata" in changes:
+        conversation.metadata_ = changes.pop("metadata") or {}
+    for field, value in changes.items():
+        setattr(conversation, field, value)
+    conversation.updated_at = utcnow()
+    await session.commit()
+    return ConversationOut.of(conversation)
+
+
+async def delete(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> None:
+    if not await repository.delete_owned(session, user_id, conversation_id):
+        raise conversation_not_found()
+    await session.commit()

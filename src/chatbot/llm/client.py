@@ -1,0 +1,58 @@
+"""What the chat service needs from a model: a stream of text deltas, then how it finished."""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The last event of every successful stream."""
+
+    finish_reason: str | None
+    usage: TokenUsage | None
+    model: str | None
+
+
+StreamEvent = TextDelta | Completion
+
+
+class LLMClient(Protocol):
+    def model_label(self, requested: str) -> str:
+        """The model name recorded on a reply asked of `requested`."""
+        ...
+
+    def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
+        """Yield deltas as the model produces them, then one `Completion`.
+
+        Raises `UpstreamError` for every failure of the provider or the network.
+        """
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,177 @@
+"""Any OpenAI-compatible Chat Completions endpoint, through the official async client."""
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import httpx
+import openai
+from openai import AsyncOpenAI
+
+from chatbot.config import Settings
+from chatbot.errors import UpstreamError
+from chatbot.llm.client import Completion, CompletionRequest, StreamEvent, TextDelta, TokenUsage
+
+logger = logging.getLogger(__name__)
+
+# Reasoning families reject `max_tokens` and any non-default `temperature`.
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+_MAX_UPSTREAM_DETAIL = 300
+
+
+def is_reasoning_model(model: str) -> bool:
+    name = model.rsplit("/", 1)[-1].lower()
+    return name.startswith(_REASONING_PREFIXES) and not name.startswith("gpt-5-chat")
+
+
+def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": request.model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+    }
+    if request.max_output_tokens is not None:
+        key = "max_completion_tokens" if reasoning else "max_tokens"
+        params[key] = request.max_output_tokens
+    if request.temperature is not None and not reasoning:
+        params["temperature"] = request.temperature
+    return params
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """Our own pool: bounded connections, and a read timeout that bounds silence between chunks."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            settings.upstream_timeout,
+            connect=settings.upstream_connect_timeout,
+            pool=settings.upstream_connect_timeout,
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=min(100, settings.upstream_max_connections),
+        ),
+    )
+
+
+class OpenAIChatClient:
+    def __init__(self, settings: Settings, http_client: httpx.AsyncClient | None = None) -> None:
+        self._http = http_client or build_http_client(settings)
+        api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        self._client = AsyncOpenAI(
+            # Local servers (Ollama, vLLM, llama.cpp) accept any key; the client insists on one.
+            api_key=api_key or "not-needed",
+            base_url=settings.openai_base_url,
+            max_retries=settings.upstream_max_retries,
+            http_client=cast(Any, self._http),
+        )
+
+    def model_label(self, requested: str) -> str:
+        return requested
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
+        stream = await self._open(request)
+        finish_reason: str | None = None
+        usage: TokenUsage | None = None
+        model: str | None = None
+        try:
+            async with stream:
+                async for chunk in stream:
+                    model = chunk.model or model
+                    if chunk.usage is not None:
+                        usage = TokenUsage(
+                            prompt_tokens=chunk.usage.prompt_tokens,
+                            completion_tokens=chunk.usage.completion_tokens,
+                            total_tokens=chunk.usage.total_tokens,
+                        )
+                    for choice in chunk.choices[:1]:
+                        if choice.delta.content:
+                            yield TextDelta(choice.delta.content)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+        except (openai.APIError, httpx.HTTPError) as exc:
+            raise upstream_error(exc) from exc
+        yield Completion(finish_reason=finish_reason, usage=usage, model=model)
+
+    async def _open(self, request: CompletionRequest) -> Any:
+        reasoning = is_reasoning_model(request.model)
+        adjusted = False
+        while True:
+            params = request_params(request, reasoning=reasoning)
+            try:
+                return await self._client.chat.completions.create(
+                    **params, stream=True, stream_options={"include_usage": True}
+                )
+            except openai.BadRequestError as exc:
+                # An unknown model behind a compatible endpoint may be a reasoning model
+                # (or not): switch parameter style once when the upstream says so.
+                if not adjusted and _rejects_parameter_style(exc, reasoning):
+                    adjusted, reasoning = True, not reasoning
+                    logger.info("retrying %s with the other parameter style", request.model)
+                    continue
+                raise upstream_error(exc) from exc
+            except (openai.APIError, httpx.HTTPError) as exc:
+                raise upstream_error(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._http.aclose()
+
+
+def _rejects_parameter_style(exc: openai.BadRequestError, reasoning: bool) -> bool:
+    message = str(exc.message).lower()
+    if reasoning:
+        return "max_completion_tokens" in message and "max_tokens" in message
+    return "max_completion_tokens" in message or (
+        "temperature" in message and "unsupported" in message
+    )
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])[:_MAX_UPSTREAM_DETAIL]
+    return str(exc.message)[:_MAX_UPSTREAM_DETAIL]
+
+
+def upstream_error(exc: Exception) -> UpstreamError:
+    """Map every provider or network failure once: 429, 504, 503 or 502."""
+    if isinstance(exc, openai.RateLimitError):
+        headers = {}
+        retry_after = exc.response.headers.get("retry-after")
+        if retry_after and retry_after.strip().isdigit():
+            headers["Retry-After"] = retry_after.strip()
+        return UpstreamError(
+            "The model provider is rate limiting requests; try again later",
+            code="upstream_rate_limited",
+            status=429,
+            headers=headers or None,
+        )
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return UpstreamError(
+            "The model provider did not answer in time", code="upstream_timeout", status=504
+        )
+    if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
+        return UpstreamError(
+            "The model provider could not be reached", code="upstream_unavailable", status=503
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        # The provider's text may quote part of our key: keep it out of the response.
+        return UpstreamError(
+            "The model provider refused our credentials", code="upstream_auth_failed"
+        )
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code in (400, 404, 422):
+            return UpstreamError(
+                f"The model provider rejected the request: {_upstream_message(exc)}",
+                code="upstream_rejected",
+            )
+        return UpstreamError(
+            f"The model provider failed with status {exc.status_code}", code="upstream_error"
+        )
+    if isinstance(exc, httpx.TransportError):
+        return UpstreamError(
+            "The connection to the model provider broke during the reply",
+            code="upstream_disconnected",
+        )
+    return UpstreamError("The model provider sent an invalid response", code="upstream_error")

@@ -1,0 +1,47 @@
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot.messages.models import Message
+
+
+async def list_after(
+    session: AsyncSession, conversation_id: uuid.UUID, *, after_seq: int, limit: int
+) -> list[Message]:
+    return list(
+        await session.scalars(
+            select(Message)
+            .where(Message.conversation_id == conversation_id, Message.seq > after_seq)
+            .order_by(Message.seq)
+            .limit(limit)
+        )
+    )
+
+
+async def recent(
+    session: AsyncSession, conversation_id: uuid.UUID, *, before_seq: int, limit: int
+) -> list[Message]:
+    """The last `limit` messages before a position, oldest first; reads only that tail."""
+    if limit <= 0:
+        return []
+    rows = await session.scalars(
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.seq < before_seq)
+        .order_by(Message.seq.desc())
+        .limit(limit)
+    )
+    return list(reversed(list(rows)))
+
+
+async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
+    return await session.get(Message, message_id, populate_existing=True)
+
+
+async def finish(session: AsyncSession, message_id: uuid.UUID, values: dict[str, Any]) -> None:
+    await session.execute(update(Message).where(Message.id == message_id).values(**values))
+
+
+def add(session: AsyncSession, *messages: Message) -> None:
+    session.add_all(messages)

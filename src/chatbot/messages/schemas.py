@@ -1,0 +1,53 @@
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from chatbot.messages.models import Message, MessageStatus, Role
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class MessageOut(BaseModel):
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    role: Role
+    content: str
+    status: MessageStatus
+    model: str | None
+    usage: Usage | None
+    latency_ms: int | None
+    ttft_ms: int | None
+    finish_reason: str | None
+    error: dict[str, Any] | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, message: Message) -> "MessageOut":
+        usage = None
+        if message.prompt_tokens is not None and message.completion_tokens is not None:
+            usage = Usage(
+                prompt_tokens=message.prompt_tokens,
+                completion_tokens=message.completion_tokens,
+                total_tokens=message.total_tokens
+                or message.prompt_tokens + message.completion_tokens,
+            )
+        return cls(
+            id=message.id,
+            conversation_id=message.conversation_id,
+            role=message.role,
+            content=message.content,
+            status=message.status,
+            model=message.model,
+            usage=usage,
+            latency_ms=message.latency_ms,
+            ttft_ms=message.ttft_ms,
+            finish_reason=message.finish_reason,
+            error=message.error,
+            created_at=message.created_at,
+        )

@@ -1,0 +1,51 @@
+"""Input types for request schemas: text PostgreSQL can store and people meant to send."""
+
+import json
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, StringConstraints
+
+MAX_METADATA_BYTES = 16_384
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _json_without_nul(value: Any) -> None:
+    if isinstance(value, str):
+        _no_nul(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _json_without_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            _json_without_nul(item)
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    _json_without_nul(value)
+    if len(json.dumps(value, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+NonBlankText = Annotated[
+    str, StringConstraints(min_length=1), AfterValidator(_no_nul), AfterValidator(_not_blank)
+]
+Title = Annotated[str, StringConstraints(max_length=500), AfterValidator(_no_nul)]
+ModelName = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.:/@+-]+$")
+]
+SystemPrompt = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]

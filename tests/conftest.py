@@ -1,0 +1,266 @@
+"""Every test talks to a real uvicorn server over a loopback socket, backed by SQLite and, when
+TEST_DATABASE_URL is set, PostgreSQL too; the model is a real OpenAI-compatible server of ours."""
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+
+from chatbot.app import create_app
+from chatbot.auth.tokens import issue_token
+from chatbot.config import Settings, normalize_database_url
+from chatbot.db import create_engine, migrate
+from tests.fake_upstream import FakeUpstream
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
+_ENV_PREFIXES = ("CHATBOT_", "OPENAI_", "DATABASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from each test alone, never from the machine running the suite."""
+    for name in list(os.environ):
+        if name.startswith(_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+
+
+# --- databases --------------------------------------------------------------------------------
+
+
+async def _recreate_database(url: str, name: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(worker_id: str) -> str | None:
+    """A database of this xdist worker's own, migrated once; tests truncate it."""
+    base = os.environ.get("TEST_DATABASE_URL")
+    if not base:
+        if os.environ.get("CHATBOT_REQUIRE_POSTGRES"):
+            pytest.fail("TEST_DATABASE_URL is required in CI")
+        return None
+    url = make_url(normalize_database_url(base))
+    name = f"chatbot_test_{worker_id}"
+    asyncio.run(_recreate_database(_asyncpg_dsn(url.render_as_string(hide_password=False)), name))
+    target = url.set(database=name).render_as_string(hide_password=False)
+    asyncio.run(_migrate(target))
+    return target
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Any, postgres_url: str | None
+) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/chatbot.db"
+    if postgres_url is None:
+        pytest.skip("TEST_DATABASE_URL is not set")
+    connection = await asyncpg.connect(_asyncpg_dsn(postgres_url))
+    try:
+        await connection.execute("TRUNCATE conversations, messages")
+    finally:
+        await connection.close()
+    return postgres_url
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    server = await FakeUpstream().start()
+    yield server
+    await server.stop()
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_settings(database_url: str, upstream: FakeUpstream) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "auto_migrate": True,
+            "openai_base_url": upstream.base_url,
+            "openai_api_key": "sk-test-key",
+            "upstream_max_retries": 0,
+            "upstream_timeout": 5,
+            "auth": "jwt",
+            "jwt_secret": JWT_SECRET,
+            "model": "gpt-4o-mini",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return make
+
+
+class LiveServer:
+    """The app under uvicorn on an ephemeral loopback port, in the test's event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.url = ""
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "LiveServer":
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the server did not start")
+            await asyncio.sleep(0.01)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+@dataclass
+class Service:
+    server: LiveServer
+    settings: Settings
+    client: httpx.AsyncClient
+    upstream: FakeUpstream
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def auth(self, user_id: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {issue_token(self.settings, user_id)}"}
+
+    async def create_conversation(self, user_id: str = "alice", **body: Any) -> dict[str, Any]:
+        response = await self.client.post(
+            "/v1/conversations", json=body, headers=self.auth(user_id)
+        )
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def messages(self, conversation_id: str, user_id: str = "alice") -> list[dict[str, Any]]:
+        response = await self.client.get(
+            f"/v1/conversations/{conversation_id}/messages",
+            params={"limit": 100},
+            headers=self.auth(user_id),
+        )
+        assert response.status_code == 200, response.text
+        data: list[dict[str, Any]] = response.json()["data"]
+        return data
+
+
+@pytest.fixture
+def start_service(
+    make_settings: Callable[..., Settings], upstream: FakeUpstream
+) -> Callable[..., Any]:
+    """`async with start_service(**settings) as service:` for tests that need other settings."""
+
+    class _Running:
+        def __init__(self, settings: Settings) -> None:
+            self.settings = settings
+            self.server = LiveServer(create_app(settings))
+            self.client: httpx.AsyncClient | None = None
+
+        async def __aenter__(self) -> Service:
+            await self.server.__aenter__()
+            self.client = httpx.AsyncClient(base_url=self.server.url, timeout=20)
+            return Service(self.server, self.settings, self.client, upstream)
+
+        async def __aexit__(self, *exc: object) -> None:
+            assert self.client is not None
+            await self.client.aclose()
+            await self.server.__aexit__(*exc)
+
+    def start(**overrides: Any) -> _Running:
+        return _Running(make_settings(**overrides))
+
+    return start
+
+
+@pytest.fixture
+async def service(start_service: Callable[..., Any]) -> AsyncIterator[Service]:
+    async with start_service() as running:
+        yield running
+
+
+# --- Server-Sent Events -----------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    event: str
+    data: Any
+    id: str | None = None
+    comments: list[str] = field(default_factory=list)
+
+
+async def read_events(response: httpx.Response) -> AsyncIterator[Event]:
+    """Parse an SSE body as it arrives, one event per blank line."""
+    fields: dict[str, str] = {}
+    data_lines: list[str] = []
+    comments: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data_lines or fields:
+                raw = "\n".join(data_lines)
+                yield Event(
+                    event=fields.get("event", "message"),
+                    data=json.loads(raw) if raw else None,
+                    id=fields.get("id"),
+                    comments=comments,
+                )
+            fields, data_lines, comments = {}, [], []
+            continue
+        if line.startswith(":"):
+            comments.append(line[1:].strip())
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data_lines.append(value)
+        else:
+            fields[name] = value
+
+
+async def collect_events(response: httpx.Response) -> list[Event]:
+    return [event async for event in read_events(response)]

@@ -1,0 +1,220 @@
+"""A small OpenAI-compatible server on a real socket, scriptable per request.
+
+Written on raw asyncio streams so it can misbehave the way real networks do: stall before
+or between tokens, drop the connection mid-reply, send garbage. Tests queue `Reply` scripts;
+with none queued it answers with `default`. Run it alone for manual checks:
+
+    python tests/fake_upstream.py --port 9100 --tokens-per-second 20
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Reply:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    status: int = 200
+    error: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    # Sent after the first token, then the rest waits for it: lets a test act mid-reply.
+    gate: asyncio.Event | None = None
+    drop_after: int | None = None
+    hang_after: int | None = None
+    garbage_after: int | None = None
+    finish_reason: str = "stop"
+    usage: bool = True
+    model: str = "fake-model"
+
+
+@dataclass
+class ReceivedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class FakeUpstream:
+    def __init__(self, default: Reply | None = None) -> None:
+        self.default = default or Reply()
+        self.script: deque[Reply] = deque()
+        self.requests: list[ReceivedRequest] = []
+        self.open_connections = 0
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def queue(self, *replies: Reply) -> None:
+        self.script.extend(replies)
+
+    async def start(self, port: int = 0) -> "FakeUpstream":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        for handler in list(self._handlers):
+            handler.cancel()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.open_connections += 1
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_connections -= 1
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _one_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        _, path, _ = request_line.split(" ", 2)
+        headers = {}
+        for line in header_lines:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        body = json.loads(raw) if raw else {}
+        self.requests.append(ReceivedRequest(path, headers, body))
+        reply = self.script.popleft() if self.script else self.default
+        if reply.status != 200:
+            await _send_json(writer, reply.status, reply.error or _error_body(reply.status), reply)
+            return True
+        if not body.get("stream"):
+            await _send_json(writer, 200, _completion(reply), reply)
+            return True
+        return await _stream(writer, reply, include_usage=bool(body.get("stream_options")))
+
+
+def _error_body(status: int) -> dict[str, Any]:
+    return {"error": {"message": f"fake upstream error {status}", "type": "server_error"}}
+
+
+def _completion(reply: Reply) -> dict[str, Any]:
+    content = "".join(reply.tokens)
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": reply.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+        "usage": _usage(reply),
+    }
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    completion_tokens = len(reply.tokens)
+    return {
+        "prompt_tokens": 11,
+        "completion_tokens": completion_tokens,
+        "total_tokens": 11 + completion_tokens,
+    }
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter, status: int, payload: dict[str, Any], reply: Reply
+) -> None:
+    data = json.dumps(payload).encode()
+    headers = "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
+    writer.write(
+        f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\n{headers}\r\n".encode()
+        + data
+    )
+    await writer.drain()
+
+
+def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": reply.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+async def _stream(writer: asyncio.StreamWriter, reply: Reply, *, include_usage: bool) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n"
+    )
+
+    async def event(payload: dict[str, Any] | str) -> None:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        data = f"data: {text}\n\n".encode()
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+
+    await event(_chunk(reply, {"role": "assistant", "content": ""}))
+    if reply.first_token_delay:
+        await asyncio.sleep(reply.first_token_delay)
+    for index, token in enumerate(reply.tokens):
+        if index == reply.drop_after:
+            writer.transport.abort()
+            return False
+        if index == reply.hang_after:
+            await asyncio.sleep(3600)
+        if index == reply.garbage_after:
+            await event("{this is not json")
+        if index and reply.token_delay:
+            await asyncio.sleep(reply.token_delay)
+        await event(_chunk(reply, {"content": token}))
+        if index == 0 and reply.gate is not None:
+            await reply.gate.wait()
+    await event(_chunk(reply, {}, reply.finish_reason))
+    if include_usage and reply.usage:
+        await event({**_chunk(reply, {}), "choices": [], "usage": _usage(reply)})
+    await event("[DONE]")
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    return True
+
+
+async def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--tokens-per-second", type=float, default=20.0)
+    parser.add_argument("--reply-tokens", type=int, default=40)
+    args = parser.parse_args()
+    tokens = [f" token{index}" for index in range(args.reply_tokens)]
+    upstream = FakeUpstream(Reply(tokens=tokens, token_delay=1 / args.tokens_per_second))
+    await upstream.start(args.port)
+    print(f"fake OpenAI-compatible upstream at {upstream.base_url}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())

@@ -1,0 +1,242 @@
+"""A chat turn streamed over a real socket, and its JSON fallback."""
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from tests.conftest import Service, collect_events, read_events
+from tests.fake_upstream import Reply
+
+
+async def test_deltas_arrive_before_the_upstream_has_finished(service: Service) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(tokens=["Once", " upon", " a", " time"], gate=gate))
+
+    async with service.client.stream(
+        "POST",
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "Tell me a story"},
+        headers={**service.auth(), "Accept": "text/event-stream"},
+    ) as response:
+        assert response.status_code == 200
+        events = read_events(response)
+        start = await anext(events)
+        assert start.event == "start"
+        first = await asyncio.wait_for(anext(events), 5)
+        # The upstream is still holding the rest of the reply behind the gate.
+        assert first.event == "delta"
+        assert first.data == {"content": "Once"}
+        assert not gate.is_set()
+        gate.set()
+        rest = [event async for event in events]
+
+    deltas = [first, *[event for event in rest if event.event == "delta"]]
+    assert [event.data["content"] for event in deltas] == ["Once", " upon", " a", " time"]
+    assert rest[-1].event == "done"
+
+
+async def test_stored_reply_equals_the_streamed_deltas(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=["Bon", "jour", " à", " vous", " 👋"], token_delay=0.01))
+
+    async with service.client.stream(
+        "POST",
+        f"/v1/conversations/{conversation['id']}/messages?stream=true",
+        json={"content": "Say hello in French"},
+        headers=service.auth(),
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        assert response.headers["x-request-id"]
+        events = await collect_events(response)
+
+    start, *deltas, done = events
+    assert [event.event for event in deltas] == ["delta"] * 5
+    message_id = start.data["assistant_message"]["id"]
+    assert start.id == f"{message_id}:0"
+    assert start.data["assistant_message"]["status"] == "in_progress"
+    streamed = "".join(event.data["content"] for event in deltas)
+    assert deltas[-1].id == f"{message_id}:{len(streamed)}"
+
+    stored = (await service.messages(conversation["id"]))[-1]
+    assert done.event == "done"
+    assert done.data["assistant_message"] == stored
+    assert stored["id"] == message_id
+    assert stored["content"] == streamed == "Bonjour à vous 👋"
+    assert stored["status"] == "completed"
+    assert stored["finish_reason"] == "stop"
+    assert stored["model"] == "fake-model"
+    assert stored["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    assert 0 <= stored["ttft_ms"] <= stored["latency_ms"]
+    # Five tokens 10 ms apart cannot arrive in less than 40 ms.
+    assert stored["latency_ms"] >= 40
+
+
+async def test_json_fallback_returns_the_stored_messages(service: Service) -> None:
+    conversation = await service.create_conversation()
+    response = await service.client.post(
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "Hi"},
+        headers=service.auth(),
+    )
+    assert response.status_code == 201
+    body = response.json()
+    stored = await service.messages(conversation["id"])
+    assert [message["role"] for message in stored] == ["user", "assistant"]
+    assert body == {
+        "conversation_id": conversation["id"],
+        "user_message": stored[0],
+        "assistant_message": stored[1],
+    }
+    assert stored[1]["content"] == "Hello, world!"
+    conversation_now = (
+        await service.client.get(f"/v1/conversations/{conversation['id']}", headers=service.auth())
+    ).json()
+    assert conversation_now["message_count"] == 2
+    assert conversation_now["last_message_at"] is not None
+
+
+async def test_upstream_receives_system_prompt_history_and_parameters(service: Service) -> None:
+    conversation = await service.create_conversation(system_prompt="You are terse.")
+    for content in ("First question", "Second question"):
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": content, "temperature": 0.3, "max_output_tokens": 50},
+            headers=service.auth(),
+        )
+        assert response.status_code == 201
+
+    sent = service.upstream.requests[-1].body
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "First question"},
+        {"role": "assistant", "content": "Hello, world!"},
+        {"role": "user", "content": "Second question"},
+    ]
+    assert sent["model"] == "gpt-4o-mini"
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["temperature"] == 0.3
+    assert sent["max_tokens"] == 50
+
+
+async def test_history_is_bounded(start_service: Any) -> None:
+    async with start_service(history_messages=2) as service:
+        conversation = await service.create_conversation()
+        for index in range(3):
+            response = await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": f"question {index}"},
+                headers=service.auth(),
+            )
+            assert response.status_code == 201
+        sent = service.upstream.requests[-1].body["messages"]
+        assert [message["content"] for message in sent[1:]] == [
+            "question 1",
+            "Hello, world!",
+            "question 2",
+        ]
+
+
+async def test_one_call_chat_creates_the_conversation(service: Service) -> None:
+    async with service.client.stream(
+        "POST",
+        "/v1/chat",
+        json={"message": "Hello there", "title": "Greetings", "metadata": {"app": "test"}},
+        headers={**service.auth(), "Accept": "text/event-stream"},
+    ) as response:
+        events = await collect_events(response)
+    assert events[0].event == "start"
+    assert events[-1].event == "done"
+    conversation_id = events[0].data["conversation_id"]
+
+    conversation = (
+        await service.client.get(f"/v1/conversations/{conversation_id}", headers=service.auth())
+    ).json()
+    assert conversation["title"] == "Greetings"
+    assert conversation["metadata"] == {"app": "test"}
+    assert conversation["message_count"] == 2
+
+    follow_up = await service.client.post(
+        "/v1/chat",
+        json={"message": "And again", "conversation_id": conversation_id},
+        headers=service.auth(),
+    )
+    assert follow_up.status_code == 201
+    assert follow_up.json()["conversation_id"] == conversation_id
+    assert len(await service.messages(conversation_id)) == 4
+
+
+async def test_second_turn_during_a_reply_is_409(service: Service) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(gate=gate))
+    url = f"/v1/conversations/{conversation['id']}/messages"
+
+    async with service.client.stream(
+        "POST",
+        url,
+        json={"content": "one"},
+        headers={**service.auth(), "Accept": "text/event-stream"},
+    ) as response:
+        events = read_events(response)
+        await anext(events)
+        await anext(events)
+        second = await service.client.post(url, json={"content": "two"}, headers=service.auth())
+        assert second.status_code == 409
+        assert second.headers["content-type"] == "application/problem+json"
+        assert second.json()["code"] == "reply_in_progress"
+        gate.set()
+        [event async for event in events]
+
+    # Once the reply is stored the conversation takes turns again, and "two" was never stored.
+    third = await service.client.post(url, json={"content": "three"}, headers=service.auth())
+    assert third.status_code == 201
+    contents = [message["content"] for message in await service.messages(conversation["id"])]
+    assert contents == ["one", "Hello, world!", "three", "Hello, world!"]
+
+
+async def test_concurrent_turns_race_for_one_slot(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.default = Reply(first_token_delay=0.2)
+    url = f"/v1/conversations/{conversation['id']}/messages"
+
+    async def send(index: int) -> int:
+        response = await service.client.post(
+            url, json={"content": f"m{index}"}, headers=service.auth()
+        )
+        return response.status_code
+
+    statuses = await asyncio.gather(*(send(index) for index in range(5)))
+    assert sorted(statuses) == [201, 409, 409, 409, 409]
+    assert len(await service.messages(conversation["id"])) == 2
+
+
+async def test_reply_is_stored_when_the_client_disconnects(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=["a", "b", "c", "d", "e"], token_delay=0.05))
+
+    async with (
+        httpx.AsyncClient(base_url=service.url) as impatient,
+        impatient.stream(
+            "POST",
+            f"/v1/conversations/{conversation['id']}/messages?stream=true",
+            json={"content": "go"},
+            headers=service.auth(),
+        ) as response,
+    ):
+        events = read_events(response)
+        await anext(events)
+        await anext(events)
+        # Leaving the block closes the connection mid-reply.
+
+    for _ in range(100):
+        messages = await service.messages(conversation["id"])
+        if messages[-1]["status"] != "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    assert messages[-1]["status"] == "completed"
+    assert messages[-1]["content"] == "abcde"
