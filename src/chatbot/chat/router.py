@@ -89,5 +89,6 @@ async def _reply(request: Request, turn: Turn, stream: bool) -> Response:
             outcome.problem | body,
             status_code=outcome.problem["status"],
             media_type=PROBLEM_JSON,
+            headers=outcome.headers,
         )
     return JSONResponse(body, status_code=status.HTTP_201_CREATED)

@@ -299,7 +299,11 @@ class ChatService:
         if error is not None:
             problem = error.to_problem() | {"assistant_message_id": str(generation.message_id)}
         generation.finish(
-            Outcome(message=stored or {"id": str(generation.message_id)}, problem=problem)
+            Outcome(
+                message=stored or {"id": str(generation.message_id)},
+                problem=problem,
+                headers=error.headers if error else None,
+            )
         )
 
 

@@ -87,8 +87,9 @@ class OpenAIChatClient:
                             yield TextDelta(choice.delta.content)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
-        except (openai.APIError, httpx.HTTPError) as exc:
-            raise upstream_error(exc) from exc
+        except (openai.APIError, httpx.HTTPError, ValueError) as exc:
+            # ValueError: a chunk that is not JSON, or not the shape of a chunk.
+            raise upstream_error(exc, mid_stream=True) from exc
         yield Completion(finish_reason=finish_reason, usage=usage, model=model)
 
     async def _open(self, request: CompletionRequest) -> Any:
@@ -134,7 +135,7 @@ def _upstream_message(exc: openai.APIStatusError) -> str:
     return str(exc.message)[:_MAX_UPSTREAM_DETAIL]
 
 
-def upstream_error(exc: Exception) -> UpstreamError:
+def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError:
     """Map every provider or network failure once: 429, 504, 503 or 502."""
     if isinstance(exc, openai.RateLimitError):
         headers = {}
@@ -151,7 +152,12 @@ def upstream_error(exc: Exception) -> UpstreamError:
         return UpstreamError(
             "The model provider did not answer in time", code="upstream_timeout", status=504
         )
-    if isinstance(exc, openai.APIConnectionError | httpx.ConnectError):
+    if mid_stream and isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        return UpstreamError(
+            "The connection to the model provider broke during the reply",
+            code="upstream_disconnected",
+        )
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
         return UpstreamError(
             "The model provider could not be reached", code="upstream_unavailable", status=503
         )
@@ -168,10 +174,5 @@ def upstream_error(exc: Exception) -> UpstreamError:
             )
         return UpstreamError(
             f"The model provider failed with status {exc.status_code}", code="upstream_error"
-        )
-    if isinstance(exc, httpx.TransportError):
-        return UpstreamError(
-            "The connection to the model provider broke during the reply",
-            code="upstream_disconnected",
         )
     return UpstreamError("The model provider sent an invalid response", code="upstream_error")

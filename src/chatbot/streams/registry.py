@@ -28,6 +28,8 @@ class Outcome:
 
     message: dict[str, Any]
     problem: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+    """Response headers that go with the problem (Retry-After on a 429)."""
 
 
 class Generation:

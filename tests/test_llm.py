@@ -1,0 +1,145 @@
+"""The upstream request each model family gets, checked at the HTTP layer with respx."""
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from chatbot.config import Settings
+from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta
+from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
+from chatbot.llm.openai_client import OpenAIChatClient, is_reasoning_model
+
+BASE_URL = "http://upstream.test/v1"
+
+
+def _sse(*chunks: dict[str, Any]) -> bytes:
+    lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks]
+    return ("".join(lines) + "data: [DONE]\n\n").encode()
+
+
+def _chunk(content: str | None = None, finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
+
+
+STREAM = _sse(
+    _chunk("Hi"),
+    _chunk(None, "stop"),
+    {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    },
+)
+
+
+def _client() -> OpenAIChatClient:
+    settings = Settings(
+        _env_file=None, openai_base_url=BASE_URL, openai_api_key="sk-x", upstream_max_retries=0
+    )
+    return OpenAIChatClient(settings, http_client=httpx.AsyncClient())
+
+
+async def _run(model: str) -> list[Any]:
+    client = _client()
+    request = CompletionRequest(
+        model=model,
+        messages=[ChatMessage("user", "hello")],
+        temperature=0.5,
+        max_output_tokens=64,
+    )
+    try:
+        return [event async for event in client.stream(request)]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("model", ["o1", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini", "openai/o3"])
+async def test_reasoning_models_get_max_completion_tokens_and_no_temperature(model: str) -> None:
+    with respx.mock:
+        route = respx.post(f"{BASE_URL}/chat/completions").respond(
+            200, content=STREAM, headers={"content-type": "text/event-stream"}
+        )
+        events = await _run(model)
+    body = json.loads(route.calls.last.request.content)
+    assert body["max_completion_tokens"] == 64
+    assert "max_tokens" not in body
+    assert "temperature" not in body
+    assert events == [
+        TextDelta("Hi"),
+        Completion(finish_reason="stop", usage=events[-1].usage, model="m"),
+    ]
+    assert events[-1].usage.total_tokens == 4
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "llama3.1:8b", "gemini-2.0-flash", "gpt-5-chat"])
+async def test_other_models_get_max_tokens_and_temperature(model: str) -> None:
+    with respx.mock:
+        route = respx.post(f"{BASE_URL}/chat/completions").respond(
+            200, content=STREAM, headers={"content-type": "text/event-stream"}
+        )
+        await _run(model)
+    body = json.loads(route.calls.last.request.content)
+    assert body["max_tokens"] == 64
+    assert body["temperature"] == 0.5
+    assert "max_completion_tokens" not in body
+    assert body["stream_options"] == {"include_usage": True}
+    assert route.calls.last.request.headers["authorization"] == "Bearer sk-x"
+
+
+async def test_an_unknown_reasoning_model_is_retried_with_the_other_parameter_style() -> None:
+    rejection = {
+        "error": {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "type": "invalid_request_error",
+        }
+    }
+    with respx.mock:
+        route = respx.post(f"{BASE_URL}/chat/completions").mock(
+            side_effect=[
+                httpx.Response(400, json=rejection),
+                httpx.Response(200, content=STREAM, headers={"content-type": "text/event-stream"}),
+            ]
+        )
+        events = await _run("my-private-reasoner")
+    first, second = (json.loads(call.request.content) for call in route.calls)
+    assert first["max_tokens"] == 64
+    assert second["max_completion_tokens"] == 64
+    assert "temperature" not in second
+    assert events[0] == TextDelta("Hi")
+
+
+def test_family_detection() -> None:
+    assert is_reasoning_model("o3")
+    assert is_reasoning_model("azure/gpt-5-nano")
+    assert not is_reasoning_model("gpt-4.1")
+    assert not is_reasoning_model("olmo-7b")
+
+
+async def test_demo_model_streams_a_deterministic_reply_word_by_word() -> None:
+    demo = DemoChatClient(delay_seconds=0)
+    request = CompletionRequest(model="anything", messages=[ChatMessage("user", "ping")])
+    first = [event async for event in demo.stream(request)]
+    second = [event async for event in demo.stream(request)]
+    assert first == second
+    deltas = [event.text for event in first if isinstance(event, TextDelta)]
+    assert len(deltas) > 10
+    assert '"ping"' in "".join(deltas)
+    last = first[-1]
+    assert isinstance(last, Completion)
+    assert last.finish_reason == "stop"
+    assert last.model == DEMO_MODEL
+    assert last.usage is not None
+    assert demo.model_label("gpt-4o") == DEMO_MODEL

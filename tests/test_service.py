@@ -1,0 +1,138 @@
+"""Starting the service: demo model, migrations, the command line, settings."""
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, select
+
+from chatbot.config import Settings, normalize_database_url
+from chatbot.conversations.models import Conversation
+from chatbot.db import Base, create_engine, migrate
+from chatbot.messages.models import Message, MessageStatus, Role
+from tests.conftest import JWT_SECRET, collect_events
+from tests.fake_upstream import Reply
+
+
+async def test_demo_model_answers_when_no_provider_is_configured(start_service: Any) -> None:
+    async with start_service(openai_base_url=None, openai_api_key=None, demo_delay_ms=1) as service:
+        async with service.client.stream(
+            "POST",
+            "/v1/chat",
+            json={"message": "Hello demo"},
+            headers={**service.auth(), "Accept": "text/event-stream"},
+        ) as response:
+            events = await collect_events(response)
+        deltas = [event for event in events if event.event == "delta"]
+        assert len(deltas) > 10
+        done = events[-1].data["assistant_message"]
+        assert done["model"] == "demo-offline"
+        assert done["status"] == "completed"
+        assert "Hello demo" in done["content"]
+        assert service.upstream.requests == []
+
+
+def _schema_differences(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_migrations_match_the_models(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        await migrate(engine)  # applying twice is harmless
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_schema_differences) == []
+    finally:
+        await engine.dispose()
+
+
+def test_database_urls_get_async_drivers() -> None:
+    assert normalize_database_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert normalize_database_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert normalize_database_url("sqlite:///./x.db") == "sqlite+aiosqlite:///./x.db"
+    assert Settings(_env_file=None).database_url.startswith("sqlite+aiosqlite://")
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/chat")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://localhost:11434/v1")
+    monkeypatch.setenv("CHATBOT_MODEL", "llama3.1")
+    monkeypatch.setenv("CHATBOT_PORT", "9001")
+    settings = Settings(_env_file=None)
+    assert settings.database_url == "postgresql+asyncpg://db/chat"
+    assert settings.model == "llama3.1"
+    assert settings.port == 9001
+    assert not settings.uses_demo_model
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatbot", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_prints_a_token_that_the_service_accepts() -> None:
+    result = _cli("token", "alice", env={"CHATBOT_JWT_SECRET": JWT_SECRET})
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["exp"] > claims["iat"]
+    refused = _cli("token", "alice", env={})
+    assert refused.returncode != 0
+    assert "CHATBOT_JWT_SECRET" in refused.stderr
+
+
+def test_cli_migrates_and_refuses_an_unsafe_start(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    migrated = _cli("migrate", env={"DATABASE_URL": url})
+    assert migrated.returncode == 0, migrated.stderr
+    unsafe = _cli("serve", env={"DATABASE_URL": url, "CHATBOT_HOST": "0.0.0.0"})
+    assert unsafe.returncode != 0
+    assert "loopback" in unsafe.stderr
+
+
+async def test_shutdown_stores_a_running_reply_as_incomplete(start_service: Any) -> None:
+    async with start_service() as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=["one", " two"], gate=asyncio.Event()))
+        async with service.client.stream(
+            "POST",
+            f"/v1/conversations/{conversation['id']}/messages?stream=true",
+            json={"content": "hi"},
+            headers=service.auth(),
+        ) as response:
+            events = response.aiter_lines()
+            while "delta" not in await anext(events):
+                pass
+        conversation_id = conversation["id"]
+        database_url = service.settings.database_url
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(Message.status, Message.content).where(Message.role == Role.ASSISTANT)
+                )
+            ).all()
+            active = await connection.scalar(
+                select(Conversation.active_reply_id).where(
+                    Conversation.id == uuid.UUID(conversation_id)
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert rows == [(MessageStatus.INCOMPLETE, "one")]
+    assert active is None

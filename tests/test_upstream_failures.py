@@ -1,0 +1,186 @@
+"""Each way the model can fail leaves the user message and a reply row with a final status."""
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service, collect_events
+from tests.fake_upstream import Reply
+
+
+async def _send_json(service: Service, conversation_id: str) -> Any:
+    return await service.client.post(
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"content": "Are you there?"},
+        headers=service.auth(),
+    )
+
+
+async def _assert_stored(
+    service: Service, conversation_id: str, *, status: str, content: str, code: str
+) -> dict[str, Any]:
+    messages = await service.messages(conversation_id)
+    assert [message["role"] for message in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == "Are you there?"
+    assert messages[0]["status"] == "completed"
+    reply = messages[1]
+    assert reply["status"] == status
+    assert reply["content"] == content
+    assert reply["error"]["code"] == code
+    assert reply["latency_ms"] is not None
+    # The conversation is free for the next turn.
+    service.upstream.queue(Reply())
+    again = await _send_json(service, conversation_id)
+    assert again.status_code == 201, again.text
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "code"),
+    [
+        (Reply(status=500), 502, "upstream_error"),
+        (Reply(status=503), 502, "upstream_error"),
+        (Reply(status=401), 502, "upstream_auth_failed"),
+        (Reply(status=400), 502, "upstream_rejected"),
+        (Reply(status=404), 502, "upstream_rejected"),
+        (Reply(tokens=[]), 502, "empty_reply"),
+    ],
+    ids=["500", "503", "401", "400", "404", "empty"],
+)
+async def test_failure_before_any_content_stores_a_failed_reply(
+    service: Service, reply: Reply, status: int, code: str
+) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(reply)
+    response = await _send_json(service, conversation["id"])
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == code
+    assert problem["status"] == status
+    assert problem["assistant_message"]["status"] == "failed"
+    assert "sk-test-key" not in response.text
+    await _assert_stored(service, conversation["id"], status="failed", content="", code=code)
+
+
+async def test_rate_limit_is_429_with_retry_after(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(status=429, headers={"Retry-After": "7"}))
+    response = await _send_json(service, conversation["id"])
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["code"] == "upstream_rate_limited"
+    await _assert_stored(
+        service, conversation["id"], status="failed", content="", code="upstream_rate_limited"
+    )
+
+
+async def test_model_rejection_shows_the_upstream_reason(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(
+        Reply(status=400, error={"error": {"message": "model 'nope' does not exist"}})
+    )
+    response = await _send_json(service, conversation["id"])
+    assert response.status_code == 502
+    assert "model 'nope' does not exist" in response.json()["detail"]
+
+
+async def test_unreachable_upstream_is_503(start_service: Any) -> None:
+    async with start_service(openai_base_url="http://127.0.0.1:9/v1") as service:
+        conversation = await service.create_conversation()
+        response = await _send_json(service, conversation["id"])
+        assert response.status_code == 503
+        assert response.json()["code"] == "upstream_unavailable"
+        messages = await service.messages(conversation["id"])
+        assert [message["status"] for message in messages] == ["completed", "failed"]
+
+
+async def test_upstream_silent_before_first_token_is_504(start_service: Any) -> None:
+    async with start_service(upstream_timeout=0.5) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(first_token_delay=3))
+        response = await _send_json(service, conversation["id"])
+        assert response.status_code == 504
+        assert response.json()["code"] == "upstream_timeout"
+        await _assert_stored(
+            service, conversation["id"], status="failed", content="", code="upstream_timeout"
+        )
+
+
+async def test_upstream_hanging_mid_reply_keeps_the_partial_reply(start_service: Any) -> None:
+    async with start_service(upstream_timeout=0.5) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=["Par", "tial", " never"], hang_after=2))
+        async with service.client.stream(
+            "POST",
+            f"/v1/conversations/{conversation['id']}/messages?stream=true",
+            json={"content": "Are you there?"},
+            headers=service.auth(),
+        ) as response:
+            events = await collect_events(response)
+        assert [event.event for event in events] == ["start", "delta", "delta", "error"]
+        error = events[-1].data
+        assert error["code"] == "upstream_timeout"
+        assert error["status"] == 504
+        assert error["assistant_message_id"] == events[0].data["assistant_message"]["id"]
+        await _assert_stored(
+            service,
+            conversation["id"],
+            status="incomplete",
+            content="Partial",
+            code="upstream_timeout",
+        )
+
+
+async def test_connection_dropped_mid_reply_keeps_the_partial_reply(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=["Half", " a", " reply"], drop_after=2))
+    async with service.client.stream(
+        "POST",
+        f"/v1/conversations/{conversation['id']}/messages?stream=true",
+        json={"content": "Are you there?"},
+        headers=service.auth(),
+    ) as response:
+        events = await collect_events(response)
+    assert [event.event for event in events] == ["start", "delta", "delta", "error"]
+    assert events[-1].data["code"] == "upstream_disconnected"
+    await _assert_stored(
+        service,
+        conversation["id"],
+        status="incomplete",
+        content="Half a",
+        code="upstream_disconnected",
+    )
+
+
+async def test_garbage_from_the_upstream_is_a_clean_error(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=["Fine", " then"], garbage_after=1))
+    response = await _send_json(service, conversation["id"])
+    assert response.status_code == 502
+    reply = await _assert_stored(
+        service, conversation["id"], status="incomplete", content="Fine", code="upstream_error"
+    )
+    assert reply["finish_reason"] is None
+
+
+async def test_reply_deadline_stops_a_slow_reply(start_service: Any) -> None:
+    async with start_service(request_timeout=0.5) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=["slow"] * 50, token_delay=0.1))
+        response = await _send_json(service, conversation["id"])
+        assert response.status_code == 504
+        assert response.json()["code"] == "reply_timeout"
+        reply = (await service.messages(conversation["id"]))[1]
+        assert reply["status"] == "incomplete"
+        assert reply["content"].startswith("slow")
+
+
+async def test_retries_before_the_first_token_are_invisible(start_service: Any) -> None:
+    async with start_service(upstream_max_retries=2) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(status=503, headers={"Retry-After": "0"}), Reply())
+        response = await _send_json(service, conversation["id"])
+        assert response.status_code == 201
+        assert response.json()["assistant_message"]["content"] == "Hello, world!"
+        assert len(service.upstream.requests) == 2
