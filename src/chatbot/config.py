@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @field_validator("openai_api_key", "jwt_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @cached_property
     def auth_mode(self) -> Literal["jwt", "none"]:
         """`jwt` once a secret is configured, `none` for a bare local start."""
