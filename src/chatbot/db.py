@@ -1,6 +1,5 @@
 """Database engine, session factory, declarative base and migrations."""
 
-import logging
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,7 +108,5 @@ def _upgrade(connection: Connection, config: Config) -> None:
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the latest revision over the service's own engine."""
     config = alembic_config()
-    # Alembic announces each of its plugins at INFO; only the revisions applied are news.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade, config)
