@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ class FakeUpstream:
         self.script: deque[Reply] = deque()
         self.requests: list[ReceivedRequest] = []
         self.open_connections = 0
+        self.disconnects = 0
+        """Streams the client closed while this server was still holding the reply."""
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -108,7 +111,31 @@ class FakeUpstream:
         if not body.get("stream"):
             await _send_json(writer, 200, _completion(reply), reply)
             return True
-        return await _stream(writer, reply, include_usage=bool(body.get("stream_options")))
+        return await self._stream(
+            reader, writer, reply, include_usage=bool(body.get("stream_options"))
+        )
+
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        *,
+        include_usage: bool,
+    ) -> bool:
+        async def hold(gate: asyncio.Event) -> bool:
+            """Wait for the gate; False if the client hung up meanwhile."""
+            opened = asyncio.ensure_future(gate.wait())
+            closed = asyncio.ensure_future(reader.read(1))
+            done, _ = await asyncio.wait({opened, closed}, return_when=asyncio.FIRST_COMPLETED)
+            opened.cancel()
+            closed.cancel()
+            if closed in done and not closed.result():
+                self.disconnects += 1
+                return False
+            return True
+
+        return await _stream(writer, reply, include_usage=include_usage, hold=hold)
 
 
 def _error_body(status: int) -> dict[str, Any]:
@@ -165,7 +192,13 @@ def _chunk(reply: Reply, delta: dict[str, Any], finish: str | None = None) -> di
     }
 
 
-async def _stream(writer: asyncio.StreamWriter, reply: Reply, *, include_usage: bool) -> bool:
+async def _stream(
+    writer: asyncio.StreamWriter,
+    reply: Reply,
+    *,
+    include_usage: bool,
+    hold: Callable[[asyncio.Event], Awaitable[bool]],
+) -> bool:
     writer.write(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n"
@@ -191,8 +224,8 @@ async def _stream(writer: asyncio.StreamWriter, reply: Reply, *, include_usage: 
         if index and reply.token_delay:
             await asyncio.sleep(reply.token_delay)
         await event(_chunk(reply, {"content": token}))
-        if index == 0 and reply.gate is not None:
-            await reply.gate.wait()
+        if index == 0 and reply.gate is not None and not await hold(reply.gate):
+            return False
     await event(_chunk(reply, {}, reply.finish_reason))
     if include_usage and reply.usage:
         await event({**_chunk(reply, {}), "choices": [], "usage": _usage(reply)})

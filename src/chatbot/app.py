@@ -1,5 +1,6 @@
 """The application: built once per process by `create_app`, wired in its lifespan."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -7,6 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from chatbot import health
+from chatbot.auth.stream_tokens import StreamTokenSigner
+from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.router import router as chat_router
 from chatbot.config import Settings
 from chatbot.conversations.router import router as conversations_router
@@ -17,7 +20,10 @@ from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import RequestIdMiddleware
-from chatbot.streams.registry import GenerationRegistry
+from chatbot.streams.follow import ReplyFollower
+from chatbot.streams.keeper import ReplyKeeper
+from chatbot.streams.registry import InProcessRegistry
+from chatbot.streams.router import router as streams_router
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +56,33 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         )
         if settings.should_auto_migrate:
             await migrate(engine)
+        sessionmaker = create_sessionmaker(engine)
+        registry = InProcessRegistry()
+        model = llm or build_llm(settings)
+        keeper = ReplyKeeper(
+            sessionmaker,
+            registry,
+            interval_seconds=settings.checkpoint_seconds,
+            stale_after_seconds=settings.stale_reply_seconds,
+        )
+        await keeper.sweep()
         app.state.settings = settings
         app.state.engine = engine
-        app.state.sessionmaker = create_sessionmaker(engine)
-        app.state.llm = llm or build_llm(settings)
-        app.state.registry = GenerationRegistry()
+        app.state.sessionmaker = sessionmaker
+        app.state.llm = model
+        app.state.registry = registry
+        app.state.runner = ReplyRunner(settings, sessionmaker, model)
+        app.state.follower = ReplyFollower(sessionmaker, registry, settings.checkpoint_seconds)
+        app.state.stream_signer = StreamTokenSigner.from_settings(settings)
+        keeper_task = asyncio.create_task(keeper.run(), name="reply-keeper")
         logger.info("authentication: %s", settings.auth_mode)
         try:
             yield
         finally:
-            await app.state.registry.shutdown()
-            await app.state.llm.aclose()
+            await registry.shutdown(settings.shutdown_grace_seconds)
+            keeper_task.cancel()
+            await asyncio.gather(keeper_task, return_exceptions=True)
+            await model.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -75,4 +97,5 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
     app.include_router(conversations_router)
     app.include_router(messages_router)
     app.include_router(chat_router)
+    app.include_router(streams_router)
     return app

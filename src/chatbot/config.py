@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=300.0, gt=0)
     demo_delay_ms: int = Field(default=35, ge=0)
 
+    cancel_on_disconnect: bool = False
+    stream_token_ttl: int = Field(default=900, ge=1)
+    sse_ping_seconds: float = Field(default=15.0, gt=0)
+    sse_send_timeout: float = Field(default=30.0, gt=0)
+    checkpoint_seconds: float = Field(default=2.0, gt=0)
+    stale_reply_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
     auth: Literal["jwt", "none"] | None = None
     jwt_secret: SecretStr | None = None
     jwt_audience: str | None = None

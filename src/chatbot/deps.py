@@ -6,9 +6,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.llm.client import LLMClient
-from chatbot.streams.registry import GenerationRegistry
+from chatbot.streams.follow import ReplyFollower
+from chatbot.streams.registry import ReplyRegistry
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,9 +35,19 @@ def get_llm(request: Request) -> LLMClient:
     return llm
 
 
-def get_registry(request: Request) -> GenerationRegistry:
-    registry: GenerationRegistry = request.app.state.registry
+def get_registry(request: Request) -> ReplyRegistry:
+    registry: ReplyRegistry = request.app.state.registry
     return registry
+
+
+def get_follower(request: Request) -> ReplyFollower:
+    follower: ReplyFollower = request.app.state.follower
+    return follower
+
+
+def get_stream_signer(request: Request) -> StreamTokenSigner:
+    signer: StreamTokenSigner = request.app.state.stream_signer
+    return signer
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -43,4 +55,6 @@ SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessio
 # Closed as soon as the endpoint returns, so a streaming response never holds a connection.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 LLMDep = Annotated[LLMClient, Depends(get_llm)]
-RegistryDep = Annotated[GenerationRegistry, Depends(get_registry)]
+RegistryDep = Annotated[ReplyRegistry, Depends(get_registry)]
+FollowerDep = Annotated[ReplyFollower, Depends(get_follower)]
+StreamSignerDep = Annotated[StreamTokenSigner, Depends(get_stream_signer)]

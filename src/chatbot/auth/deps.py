@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from chatbot.auth.tokens import MAX_USER_ID_LENGTH, verify_token
 from chatbot.config import is_loopback_host
@@ -34,3 +34,24 @@ def current_user(request: Request, settings: SettingsDep) -> str:
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
+
+
+AccessTokenQuery = Annotated[
+    str | None,
+    Query(
+        description="The access token, for EventSource clients that cannot send headers",
+        max_length=8192,
+    ),
+]
+
+
+def streaming_user(
+    request: Request, settings: SettingsDep, access_token: AccessTokenQuery = None
+) -> str:
+    """`current_user`, also accepting `?access_token=` on the GET routes EventSource opens."""
+    if access_token and settings.auth_mode == "jwt" and "authorization" not in request.headers:
+        return verify_token(settings, access_token)
+    return current_user(request, settings)
+
+
+StreamingUser = Annotated[str, Depends(streaming_user)]

@@ -1,31 +1,55 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
-from chatbot.auth.deps import CurrentUser
-from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOut
-from chatbot.chat.service import ChatService, Turn
-from chatbot.chat.sse import stream_response, turn_events
-from chatbot.deps import LLMDep, RegistryDep, SessionDep, SessionmakerDep, SettingsDep
-from chatbot.errors import PROBLEM_JSON
+from chatbot.auth.deps import CurrentUser, StreamingUser
+from chatbot.chat.generation import ReplyRunner
+from chatbot.chat.replies import Replies
+from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
+from chatbot.chat.service import ChatService
+from chatbot.deps import (
+    LLMDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+)
+from chatbot.errors import BadRequest
+from chatbot.messages.deps import get_owned_message
+from chatbot.messages.models import Role
+from chatbot.streams.sse import parse_event_id
+from chatbot.validation import ModelName
 
 router = APIRouter(tags=["chat"])
 
 
+def get_runner(request: Request) -> ReplyRunner:
+    runner: ReplyRunner = request.app.state.runner
+    return runner
+
+
 def get_chat_service(
-    settings: SettingsDep, sessionmaker: SessionmakerDep, llm: LLMDep, registry: RegistryDep
+    settings: SettingsDep,
+    session: SessionDep,
+    runner: Annotated[ReplyRunner, Depends(get_runner)],
+    llm: LLMDep,
+    registry: RegistryDep,
 ) -> ChatService:
-    return ChatService(settings, sessionmaker, llm, registry)
+    return ChatService(settings, session, runner, llm, registry)
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
+RepliesDep = Annotated[Replies, Depends()]
 StreamFlag = Annotated[
     bool, Query(description="Answer as Server-Sent Events (same as Accept: text/event-stream)")
+]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="Makes a retried POST safe for 24 h"),
 ]
 
 _REPLY_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"text/event-stream": {}}, "description": "The reply as Server-Sent Events"},
+    202: {"model": BackgroundTurnOut, "description": "Started in the background"},
     409: {"description": "A reply is still being generated in this conversation"},
     429: {"description": "The model provider is rate limiting"},
     502: {"description": "The model provider failed"},
@@ -45,12 +69,13 @@ async def send_message(
     body: SendMessage,
     request: Request,
     user_id: CurrentUser,
-    session: SessionDep,
     chat: ChatServiceDep,
+    replies: RepliesDep,
     stream: StreamFlag = False,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    turn = await chat.send(session, user_id, conversation_id, body)
-    return await _reply(request, turn, stream)
+    turn = await chat.send(user_id, conversation_id, body, idempotency_key)
+    return await replies.respond(request, user_id, turn, stream=stream, background=body.background)
 
 
 @router.post(
@@ -63,32 +88,43 @@ async def chat(
     body: ChatRequest,
     request: Request,
     user_id: CurrentUser,
-    session: SessionDep,
     chat: ChatServiceDep,
+    replies: RepliesDep,
     stream: StreamFlag = False,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    turn = await chat.chat(session, user_id, body)
-    return await _reply(request, turn, stream)
+    turn = await chat.chat(user_id, body, idempotency_key)
+    return await replies.respond(request, user_id, turn, stream=stream, background=body.background)
 
 
-def wants_event_stream(request: Request, stream: bool) -> bool:
-    return stream or "text/event-stream" in request.headers.get("accept", "")
+@router.get(
+    "/v1/conversations/{conversation_id}/stream",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def send_and_stream(
+    conversation_id: str,
+    user_id: StreamingUser,
+    chat: ChatServiceDep,
+    session: SessionDep,
+    replies: RepliesDep,
+    content: Annotated[str, Query(max_length=1_000_000)],
+    model: Annotated[ModelName | None, Query()] = None,
+    idempotency_key: Annotated[str | None, Query(max_length=255)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=100)] = None,
+) -> Response:
+    """`new EventSource(url)`: send `content` and stream the reply in one GET.
 
-
-async def _reply(request: Request, turn: Turn, stream: bool) -> Response:
-    if wants_event_stream(request, stream):
-        return stream_response(turn_events(turn))
-    outcome = await turn.generation.wait()
-    body = {
-        "conversation_id": str(turn.conversation_id),
-        "user_message": turn.user_message.model_dump(mode="json"),
-        "assistant_message": outcome.message,
-    }
-    if outcome.problem is not None:
-        return JSONResponse(
-            outcome.problem | body,
-            status_code=outcome.problem["status"],
-            media_type=PROBLEM_JSON,
-            headers=outcome.headers,
-        )
-    return JSONResponse(body, status_code=status.HTTP_201_CREATED)
+    When the browser reconnects by itself it sends `Last-Event-ID`: the same reply is resumed
+    from there, and the message is never sent again.
+    """
+    if last_event_id:
+        message_id, offset = parse_event_id(last_event_id)
+        message = await get_owned_message(session, user_id, str(message_id))
+        if str(message.conversation_id) != conversation_id or message.role is not Role.ASSISTANT:
+            raise BadRequest(
+                "Last-Event-ID belongs to another conversation", code="invalid_event_id"
+            )
+        return replies.follow(message.id, offset)
+    body = SendMessage(content=content, model=model)
+    turn = await chat.send(user_id, conversation_id, body, idempotency_key)
+    return replies.stream(turn)

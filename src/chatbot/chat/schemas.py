@@ -15,6 +15,10 @@ class TurnOptions(BaseModel):
     model: ModelName | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    background: bool = Field(
+        default=False,
+        description="Answer 202 at once with a stream_url to follow the reply from",
+    )
 
 
 class SendMessage(TurnOptions):
@@ -35,3 +39,9 @@ class TurnOut(BaseModel):
     conversation_id: uuid.UUID
     user_message: MessageOut
     assistant_message: MessageOut
+
+
+class BackgroundTurnOut(TurnOut):
+    stream_url: str = Field(
+        description="Relative URL for `new EventSource(stream_url)`; carries a short-lived token"
+    )

@@ -1,15 +1,17 @@
-"""A chat turn: store the user message, run the reply as a task, store the reply once it ends."""
+"""A chat turn: store the user message and start the reply, or find the turn a retry repeats."""
 
-import asyncio
-import logging
+import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot.chat.generation import ReplyRunner
+from chatbot.chat.models import IdempotencyKey
 from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOptions
 from chatbot.config import Settings
 from chatbot.conversations.deps import conversation_not_found
@@ -17,15 +19,16 @@ from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate
 from chatbot.conversations.service import new_conversation
 from chatbot.db import utcnow
-from chatbot.errors import AppError, Conflict, UpstreamError
+from chatbot.errors import AppError, BadRequest, Conflict
 from chatbot.ids import parse_id
-from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, LLMClient
+from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
-from chatbot.streams.registry import Generation, GenerationRegistry, Outcome
+from chatbot.streams.keeper import IDEMPOTENCY_WINDOW
+from chatbot.streams.registry import Generation, ReplyRegistry
 
-logger = logging.getLogger(__name__)
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +36,8 @@ class Turn:
     conversation_id: uuid.UUID
     user_message: MessageOut
     assistant_message: MessageOut
-    generation: Generation
+    replayed: bool = False
+    """True when an Idempotency-Key matched an earlier request: nothing new was sent."""
 
 
 class ContentTooLong(AppError):
@@ -41,53 +45,109 @@ class ContentTooLong(AppError):
     code = "content_too_long"
 
 
+def _validated_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable():
+        raise BadRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable characters",
+            code="invalid_idempotency_key",
+        )
+    return key
+
+
+def _request_hash(target: str, body: TurnOptions) -> str:
+    canonical = json.dumps(
+        [target, body.model_dump(mode="json", exclude={"background"})], sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class ChatService:
     def __init__(
         self,
         settings: Settings,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        session: AsyncSession,
+        runner: ReplyRunner,
         llm: LLMClient,
-        registry: GenerationRegistry,
+        registry: ReplyRegistry,
     ) -> None:
         self._settings = settings
-        self._sessionmaker = sessionmaker
+        self._session = session
+        self._runner = runner
         self._llm = llm
         self._registry = registry
 
     async def send(
-        self, session: AsyncSession, user_id: str, conversation_id: str, body: SendMessage
+        self,
+        user_id: str,
+        conversation_id: str,
+        body: SendMessage,
+        idempotency_key: str | None = None,
     ) -> Turn:
         started = time.monotonic()
         self._check_limits(body.content, body, field="content")
-        assistant_id = uuid.uuid4()
-        conversation = await self._reserve(
-            session, user_id, parse_id(conversation_id, conversation_not_found()), assistant_id
-        )
-        return await self._begin(session, conversation, body.content, body, assistant_id, started)
+        target_id = parse_id(conversation_id, conversation_not_found())
+        key = _validated_key(idempotency_key)
+        request_hash = _request_hash(str(target_id), body)
+        if key and (turn := await self._replay(user_id, key, request_hash)):
+            return turn
+        try:
+            assistant_id = uuid.uuid4()
+            conversation = await self._reserve(user_id, target_id, assistant_id)
+            return await self._begin(
+                conversation, body.content, body, assistant_id, started, key, request_hash
+            )
+        except (Conflict, IntegrityError):
+            if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
+                return turn
+            raise
 
-    async def chat(self, session: AsyncSession, user_id: str, body: ChatRequest) -> Turn:
+    async def chat(
+        self, user_id: str, body: ChatRequest, idempotency_key: str | None = None
+    ) -> Turn:
+        if body.conversation_id is not None:
+            return await self.send(
+                user_id,
+                body.conversation_id,
+                SendMessage(
+                    content=body.message,
+                    model=body.model,
+                    temperature=body.temperature,
+                    max_output_tokens=body.max_output_tokens,
+                    background=body.background,
+                ),
+                idempotency_key,
+            )
         started = time.monotonic()
         self._check_limits(body.message, body, field="message")
+        key = _validated_key(idempotency_key)
+        request_hash = _request_hash("new", body)
+        if key and (turn := await self._replay(user_id, key, request_hash)):
+            return turn
         assistant_id = uuid.uuid4()
-        if body.conversation_id is not None:
-            conversation_id = parse_id(body.conversation_id, conversation_not_found())
-            conversation = await self._reserve(session, user_id, conversation_id, assistant_id)
-        else:
-            conversation = new_conversation(
-                user_id,
-                ConversationCreate(
-                    title=body.title,
-                    model=body.model,
-                    system_prompt=body.system_prompt,
-                    metadata=body.metadata or {},
-                ),
+        conversation = new_conversation(
+            user_id,
+            ConversationCreate(
+                title=body.title,
+                model=body.model,
+                system_prompt=body.system_prompt,
+                metadata=body.metadata or {},
+            ),
+        )
+        conversation.message_count = 2
+        conversation.active_reply_id = assistant_id
+        conversation.last_message_at = conversation.updated_at
+        self._session.add(conversation)
+        try:
+            await self._session.flush()
+            return await self._begin(
+                conversation, body.message, body, assistant_id, started, key, request_hash
             )
-            conversation.message_count = 2
-            conversation.active_reply_id = assistant_id
-            conversation.last_message_at = conversation.updated_at
-            session.add(conversation)
-            await session.flush()
-        return await self._begin(session, conversation, body.message, body, assistant_id, started)
+        except IntegrityError:
+            if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
+                return turn
+            raise
 
     def _check_limits(self, content: str, options: TurnOptions, *, field: str) -> None:
         if len(content) > self._settings.max_message_chars:
@@ -104,12 +164,41 @@ class ChatService:
                 errors=[{"loc": ["body", "max_output_tokens"], "msg": f"at most {limit}"}],
             )
 
+    async def _replay(self, user_id: str, key: str, request_hash: str) -> Turn | None:
+        """The turn an earlier request with this key started, if it is within the window."""
+        record = await self._session.scalar(
+            select(IdempotencyKey).where(
+                IdempotencyKey.user_id == user_id,
+                IdempotencyKey.key == key,
+                IdempotencyKey.created_at >= utcnow() - IDEMPOTENCY_WINDOW,
+            )
+        )
+        if record is None:
+            return None
+        if record.request_hash != request_hash:
+            raise AppError(
+                "This Idempotency-Key was used for a different request",
+                code="idempotency_key_reused",
+                status=422,
+            )
+        user_message = await messages.get(self._session, record.user_message_id)
+        assistant_message = await messages.get(self._session, record.assistant_message_id)
+        if user_message is None or assistant_message is None:
+            return None
+        return Turn(
+            conversation_id=record.conversation_id,
+            user_message=MessageOut.of(user_message),
+            assistant_message=MessageOut.of(assistant_message),
+            replayed=True,
+        )
+
+    async def _replay_after_race(self, user_id: str, key: str, request_hash: str) -> Turn | None:
+        # A concurrent request with the same key won; what it committed is our answer.
+        await self._session.rollback()
+        return await self._replay(user_id, key, request_hash)
+
     async def _reserve(
-        self,
-        session: AsyncSession,
-        user_id: str,
-        conversation_id: uuid.UUID,
-        assistant_id: uuid.UUID,
+        self, user_id: str, conversation_id: uuid.UUID, assistant_id: uuid.UUID
     ) -> Conversation:
         """Claim the conversation for one reply and two message positions, atomically.
 
@@ -117,7 +206,7 @@ class ChatService:
         set and gets 409, on SQLite and PostgreSQL alike, across any number of instances.
         """
         now = utcnow()
-        claimed = await session.scalar(
+        claimed = await self._session.scalar(
             update(Conversation)
             .where(
                 Conversation.id == conversation_id,
@@ -135,7 +224,7 @@ class ChatService:
         )
         if claimed is not None:
             return claimed
-        exists = await session.scalar(
+        exists = await self._session.scalar(
             select(Conversation.id).where(
                 Conversation.id == conversation_id, Conversation.user_id == user_id
             )
@@ -148,16 +237,17 @@ class ChatService:
 
     async def _begin(
         self,
-        session: AsyncSession,
         conversation: Conversation,
         content: str,
         options: TurnOptions,
         assistant_id: uuid.UUID,
         started: float,
+        key: str | None,
+        request_hash: str,
     ) -> Turn:
         user_seq = conversation.message_count - 1
         history = await messages.recent(
-            session,
+            self._session,
             conversation.id,
             before_seq=user_seq,
             limit=self._settings.history_messages,
@@ -183,8 +273,11 @@ class ChatService:
             status=MessageStatus.IN_PROGRESS,
             model=self._llm.model_label(model),
             created_at=now,
+            checkpoint_at=now,
         )
-        messages.add(session, user_message, assistant_message)
+        messages.add(self._session, user_message, assistant_message)
+        if key is not None:
+            await self._record_key(conversation, key, request_hash, user_message, assistant_id)
         request = CompletionRequest(
             model=model,
             messages=[
@@ -200,112 +293,40 @@ class ChatService:
             max_output_tokens=options.max_output_tokens,
         )
         # The user message is durable before the model is called.
-        await session.commit()
+        await self._session.commit()
 
         generation = Generation(assistant_id, conversation.id, conversation.user_id)
-        self._registry.start(generation, self._generate(generation, request, started))
+        self._registry.start(generation, self._runner.run(generation, request, started))
         return Turn(
             conversation_id=conversation.id,
             user_message=MessageOut.of(user_message),
             assistant_message=MessageOut.of(assistant_message),
-            generation=generation,
         )
 
-    async def _generate(
-        self, generation: Generation, request: CompletionRequest, started: float
-    ) -> None:
-        """Runs as a task of its own: no request, and no database session, is held meanwhile."""
-        ttft_ms: int | None = None
-        completion: Completion | None = None
-        error: AppError | None = None
-        status = MessageStatus.COMPLETED
-        try:
-            async with asyncio.timeout(self._settings.request_timeout):
-                async for event in self._llm.stream(request):
-                    if isinstance(event, Completion):
-                        completion = event
-                    elif event.text:
-                        if ttft_ms is None:
-                            ttft_ms = _elapsed_ms(started)
-                        generation.append(event.text)
-            if not generation.length:
-                status = MessageStatus.FAILED
-                error = UpstreamError("The model returned an empty reply", code="empty_reply")
-        except UpstreamError as exc:
-            error = exc
-        except TimeoutError:
-            error = UpstreamError(
-                f"The reply took longer than {self._settings.request_timeout:g} s",
-                code="reply_timeout",
-                status=504,
-            )
-        except asyncio.CancelledError:
-            status = MessageStatus.INCOMPLETE
-            error = AppError("The service stopped during the reply", code="shutdown", status=503)
-            await self._store(generation, status, error, completion, ttft_ms, started)
-            raise
-        except Exception:
-            logger.exception("reply %s failed", generation.message_id)
-            error = AppError()
-        if error is not None and status is MessageStatus.COMPLETED:
-            status = MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED
-        await self._store(generation, status, error, completion, ttft_ms, started)
-
-    async def _store(
+    async def _record_key(
         self,
-        generation: Generation,
-        status: MessageStatus,
-        error: AppError | None,
-        completion: Completion | None,
-        ttft_ms: int | None,
-        started: float,
+        conversation: Conversation,
+        key: str,
+        request_hash: str,
+        user_message: Message,
+        assistant_id: uuid.UUID,
     ) -> None:
-        values: dict[str, Any] = {
-            "content": generation.content,
-            "status": status,
-            "latency_ms": _elapsed_ms(started),
-            "ttft_ms": ttft_ms,
-            "completed_at": utcnow(),
-            "error": {"code": error.code, "detail": error.detail} if error else None,
-        }
-        if completion is not None:
-            values["finish_reason"] = completion.finish_reason
-            if completion.model:
-                values["model"] = completion.model
-            if completion.usage is not None:
-                values["prompt_tokens"] = completion.usage.prompt_tokens
-                values["completion_tokens"] = completion.usage.completion_tokens
-                values["total_tokens"] = completion.usage.total_tokens
-        stored: dict[str, Any] | None = None
-        try:
-            async with self._sessionmaker() as session:
-                await messages.finish(session, generation.message_id, values)
-                await session.execute(
-                    update(Conversation)
-                    .where(
-                        Conversation.id == generation.conversation_id,
-                        Conversation.active_reply_id == generation.message_id,
-                    )
-                    .values(active_reply_id=None, updated_at=utcnow(), last_message_at=utcnow())
-                )
-                await session.commit()
-                message = await messages.get(session, generation.message_id)
-                if message is not None:
-                    stored = MessageOut.of(message).model_dump(mode="json")
-        except Exception:
-            logger.exception("could not store reply %s", generation.message_id)
-            error = AppError("The reply could not be stored", code="storage_failed", status=503)
-        problem = None
-        if error is not None:
-            problem = error.to_problem() | {"assistant_message_id": str(generation.message_id)}
-        generation.finish(
-            Outcome(
-                message=stored or {"id": str(generation.message_id)},
-                problem=problem,
-                headers=error.headers if error else None,
+        # An expired record of the same key would block the unique constraint.
+        await self._session.execute(
+            delete(IdempotencyKey).where(
+                IdempotencyKey.user_id == conversation.user_id,
+                IdempotencyKey.key == key,
+                IdempotencyKey.created_at < utcnow() - IDEMPOTENCY_WINDOW,
             )
         )
-
-
-def _elapsed_ms(started: float) -> int:
-    return round((time.monotonic() - started) * 1000)
+        self._session.add(
+            IdempotencyKey(
+                user_id=conversation.user_id,
+                key=key,
+                request_hash=request_hash,
+                conversation_id=conversation.id,
+                user_message_id=user_message.id,
+                assistant_message_id=assistant_id,
+                created_at=utcnow(),
+            )
+        )

@@ -3,8 +3,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Enum, ForeignKey, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import text
 
 from chatbot.db import Base, JSONVariant, UTCDateTime, new_id, utcnow
 
@@ -41,6 +42,13 @@ class Message(Base):
     __table_args__ = (
         # Pages a conversation's messages in order and reads the recent tail for context.
         UniqueConstraint("conversation_id", "seq"),
+        # The sweeper looks for replies whose process stopped checkpointing them.
+        Index(
+            "ix_messages_in_progress_checkpoint_at",
+            "checkpoint_at",
+            sqlite_where=text("status = 'in_progress'"),
+            postgresql_where=text("status = 'in_progress'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
@@ -61,3 +69,5 @@ class Message(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Last time the process generating this reply saved it; a stale one belongs to a dead process.
+    checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

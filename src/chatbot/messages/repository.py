@@ -4,7 +4,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot.messages.models import Message
+from chatbot.messages.models import Message, MessageStatus
 
 
 async def list_after(
@@ -40,7 +40,12 @@ async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
 
 
 async def finish(session: AsyncSession, message_id: uuid.UUID, values: dict[str, Any]) -> None:
-    await session.execute(update(Message).where(Message.id == message_id).values(**values))
+    """Store a reply's end, unless it was already finished (cancelled elsewhere, or swept)."""
+    await session.execute(
+        update(Message)
+        .where(Message.id == message_id, Message.status == MessageStatus.IN_PROGRESS)
+        .values(**values)
+    )
 
 
 def add(session: AsyncSession, *messages: Message) -> None:

@@ -1,16 +1,19 @@
 """Replies run as tasks owned by the service; HTTP responses only follow them.
 
 A `Generation` buffers what the model has produced so far and wakes its followers on each
-change, so any number of clients can follow one reply and a client that goes away costs the
-reply nothing. The registry is in-process; its interface is what a shared one would offer.
+change, so any number of clients can follow one reply, from any character, and a client that
+goes away costs the reply nothing. `ReplyRegistry` is what the rest of the service needs from
+the set of running replies; `InProcessRegistry` keeps them in this process.
 """
 
 import asyncio
+import bisect
+import enum
 import logging
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +35,23 @@ class Outcome:
     """Response headers that go with the problem (Retry-After on a 429)."""
 
 
+class StopReason(enum.Enum):
+    CANCELLED = "cancelled"
+    """Somebody asked for it to stop (`POST /v1/messages/{id}/cancel`, or a client leaving)."""
+    SHUTDOWN = "shutdown"
+    """The process is stopping."""
+    SUPERSEDED = "superseded"
+    """The stored row was finished elsewhere (cancelled on another instance, or swept)."""
+
+
 class Generation:
     def __init__(self, message_id: uuid.UUID, conversation_id: uuid.UUID, user_id: str) -> None:
         self.message_id = message_id
         self.conversation_id = conversation_id
         self.user_id = user_id
+        self.stop_reason: StopReason | None = None
+        self.saved_length = 0
+        """How much of the content the last checkpoint stored."""
         self._pieces: list[str] = []
         self._ends: list[int] = []
         self._outcome: Outcome | None = None
@@ -72,13 +87,18 @@ class Generation:
             await self._changed.wait()
         return self._outcome
 
-    async def follow(self) -> AsyncIterator[Delta | Outcome]:
-        """Every delta in order, as it arrives, then the outcome."""
-        index = 0
+    async def follow(self, starting_after: int = 0) -> AsyncIterator[Delta | Outcome]:
+        """Every delta after character `starting_after`, as it arrives, then the outcome."""
+        index = bisect.bisect_right(self._ends, starting_after)
         while True:
             changed = self._changed
             while index < len(self._pieces):
-                yield Delta(self._pieces[index], self._ends[index])
+                piece, end = self._pieces[index], self._ends[index]
+                start = end - len(piece)
+                if starting_after > start:
+                    piece = piece[starting_after - start :]
+                if piece:
+                    yield Delta(piece, end)
                 index += 1
             if self._outcome is not None:
                 yield self._outcome
@@ -86,14 +106,28 @@ class Generation:
             await changed.wait()
 
 
-class GenerationRegistry:
-    """The running replies of this process."""
+class ReplyRegistry(Protocol):
+    """The running replies, as the service sees them."""
 
+    def start(self, generation: Generation, work: Coroutine[Any, Any, None]) -> None: ...
+
+    def get(self, message_id: uuid.UUID) -> Generation | None: ...
+
+    def running(self) -> list[Generation]: ...
+
+    def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
+        """Stop a running reply; it stores itself with a status that fits the reason."""
+        ...
+
+    async def shutdown(self, grace_seconds: float) -> None: ...
+
+
+class InProcessRegistry:
     def __init__(self) -> None:
         self._running: dict[uuid.UUID, tuple[Generation, asyncio.Task[None]]] = {}
 
     def start(self, generation: Generation, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work, name=f"generation-{generation.message_id}")
+        task = asyncio.create_task(work, name=f"reply-{generation.message_id}")
         self._running[generation.message_id] = (generation, task)
         task.add_done_callback(lambda _: self._running.pop(generation.message_id, None))
 
@@ -101,14 +135,32 @@ class GenerationRegistry:
         entry = self._running.get(message_id)
         return entry[0] if entry else None
 
+    def running(self) -> list[Generation]:
+        return [generation for generation, _ in self._running.values()]
+
+    def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
+        entry = self._running.get(message_id)
+        if entry is None:
+            return None
+        generation, task = entry
+        if generation.stop_reason is None:
+            generation.stop_reason = reason
+            task.cancel()
+        return generation
+
     def __len__(self) -> int:
         return len(self._running)
 
-    async def shutdown(self) -> None:
-        """Stop what is still running; each reply stores itself as it ends."""
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Give running replies a grace period to finish, then stop them; each stores itself."""
         tasks = [task for _, task in self._running.values()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            logger.info("stopping %d running replies", len(tasks))
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        logger.info("waiting up to %gs for %d running replies", grace_seconds, len(tasks))
+        pending = set(tasks)
+        if grace_seconds > 0:
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+        for message_id in list(self._running):
+            self.stop(message_id, StopReason.SHUTDOWN)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,142 @@
+"""Generating one reply: a task of the service that streams from the model and stores the end."""
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chatbot.config import Settings
+from chatbot.conversations.models import Conversation
+from chatbot.db import utcnow
+from chatbot.errors import AppError, UpstreamError
+from chatbot.llm.client import Completion, CompletionRequest, LLMClient
+from chatbot.messages import repository as messages
+from chatbot.messages.models import Message, MessageStatus
+from chatbot.streams.follow import outcome_of
+from chatbot.streams.registry import Generation, Outcome, StopReason
+
+logger = logging.getLogger(__name__)
+
+
+def elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+class ReplyRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        llm: LLMClient,
+    ) -> None:
+        self._settings = settings
+        self._sessionmaker = sessionmaker
+        self._llm = llm
+
+    async def run(self, generation: Generation, request: CompletionRequest, started: float) -> None:
+        """Runs as a task of its own: no request, and no database session, is held meanwhile."""
+        ttft_ms: int | None = None
+        completion: Completion | None = None
+        error: AppError | None = None
+        status = MessageStatus.COMPLETED
+        try:
+            async with asyncio.timeout(self._settings.request_timeout):
+                async for event in self._llm.stream(request):
+                    if isinstance(event, Completion):
+                        completion = event
+                    elif event.text:
+                        if ttft_ms is None:
+                            ttft_ms = elapsed_ms(started)
+                        generation.append(event.text)
+            if not generation.length:
+                status = MessageStatus.FAILED
+                error = UpstreamError("The model returned an empty reply", code="empty_reply")
+        except UpstreamError as exc:
+            error = exc
+        except TimeoutError:
+            error = UpstreamError(
+                f"The reply took longer than {self._settings.request_timeout:g} s",
+                code="reply_timeout",
+                status=504,
+            )
+        except asyncio.CancelledError:
+            # Leaving the stream closed the upstream connection; now record why it stopped.
+            reason = generation.stop_reason or StopReason.SHUTDOWN
+            if reason is StopReason.CANCELLED:
+                status = MessageStatus.CANCELLED
+            elif reason is StopReason.SHUTDOWN:
+                status = MessageStatus.INCOMPLETE
+                error = AppError(
+                    "The service stopped during the reply", code="shutdown", status=503
+                )
+            await self._store(generation, status, error, completion, ttft_ms, started)
+            raise
+        except Exception:
+            logger.exception("reply %s failed", generation.message_id)
+            error = AppError()
+        if error is not None and status is MessageStatus.COMPLETED:
+            status = MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED
+        await self._store(generation, status, error, completion, ttft_ms, started)
+
+    async def _store(
+        self,
+        generation: Generation,
+        status: MessageStatus,
+        error: AppError | None,
+        completion: Completion | None,
+        ttft_ms: int | None,
+        started: float,
+    ) -> None:
+        """Commit the reply once; its row may already be final if it was finished elsewhere."""
+        values: dict[str, Any] = {
+            "content": generation.content,
+            "status": status,
+            "latency_ms": elapsed_ms(started),
+            "ttft_ms": ttft_ms,
+            "completed_at": utcnow(),
+            "error": (
+                {"code": error.code, "detail": error.detail, "status": error.status}
+                if error
+                else None
+            ),
+        }
+        if completion is not None:
+            values["finish_reason"] = completion.finish_reason
+            if completion.model:
+                values["model"] = completion.model
+            if completion.usage is not None:
+                values["prompt_tokens"] = completion.usage.prompt_tokens
+                values["completion_tokens"] = completion.usage.completion_tokens
+                values["total_tokens"] = completion.usage.total_tokens
+        stored: Message | None = None
+        try:
+            async with self._sessionmaker() as session:
+                if generation.stop_reason is not StopReason.SUPERSEDED:
+                    await messages.finish(session, generation.message_id, values)
+                    await session.execute(
+                        update(Conversation)
+                        .where(
+                            Conversation.id == generation.conversation_id,
+                            Conversation.active_reply_id == generation.message_id,
+                        )
+                        .values(active_reply_id=None, updated_at=utcnow(), last_message_at=utcnow())
+                    )
+                    await session.commit()
+                stored = await messages.get(session, generation.message_id)
+        except Exception:
+            logger.exception("could not store reply %s", generation.message_id)
+            error = AppError("The reply could not be stored", code="storage_failed", status=503)
+        if stored is not None:
+            generation.finish(outcome_of(stored, headers=error.headers if error else None))
+            return
+        missing = AppError("The reply no longer exists", code="message_not_found", status=404)
+        problem = (error or missing).to_problem()
+        generation.finish(
+            Outcome(
+                message={"id": str(generation.message_id)},
+                problem=problem | {"assistant_message_id": str(generation.message_id)},
+            )
+        )

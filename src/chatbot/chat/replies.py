@@ -1,0 +1,95 @@
+"""The three ways a turn is answered: SSE, JSON once complete, or 202 with a stream URL."""
+
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request, Response, status
+from fastapi.responses import JSONResponse
+from sse_starlette import ServerSentEvent
+
+from chatbot.chat.schemas import BackgroundTurnOut
+from chatbot.chat.service import Turn
+from chatbot.deps import FollowerDep, RegistryDep, SettingsDep, StreamSignerDep
+from chatbot.errors import PROBLEM_JSON
+from chatbot.streams.follow import ReplyFollower
+from chatbot.streams.registry import ReplyRegistry, StopReason
+from chatbot.streams.sse import reply_events, start_event, stream_response
+
+
+class Replies:
+    def __init__(
+        self,
+        settings: SettingsDep,
+        follower: FollowerDep,
+        registry: RegistryDep,
+        signer: StreamSignerDep,
+    ) -> None:
+        self._settings = settings
+        self._follower: ReplyFollower = follower
+        self._registry: ReplyRegistry = registry
+        self._signer = signer
+
+    async def respond(
+        self, request: Request, user_id: str, turn: Turn, *, stream: bool, background: bool
+    ) -> Response:
+        if background:
+            return self.background(user_id, turn)
+        if stream or "text/event-stream" in request.headers.get("accept", ""):
+            return self.stream(turn)
+        return await self.json(turn)
+
+    def background(self, user_id: str, turn: Turn) -> Response:
+        message_id = turn.assistant_message.id
+        body = BackgroundTurnOut(
+            conversation_id=turn.conversation_id,
+            user_message=turn.user_message,
+            assistant_message=turn.assistant_message,
+            stream_url=f"/v1/messages/{message_id}/stream?token="
+            + self._signer.issue(user_id, message_id),
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
+
+    def stream(self, turn: Turn) -> Response:
+        message_id = turn.assistant_message.id
+        start = start_event(
+            turn.conversation_id,
+            turn.user_message.model_dump(mode="json"),
+            turn.assistant_message.model_dump(mode="json"),
+        )
+        events = reply_events(message_id, self._follower.events(message_id), start)
+        if self._settings.cancel_on_disconnect and not turn.replayed:
+            events = self._cancelled_on_disconnect(turn, events)
+        return stream_response(events, self._settings)
+
+    def follow(self, message_id: uuid.UUID, offset: int) -> Response:
+        return stream_response(
+            reply_events(message_id, self._follower.events(message_id, offset)), self._settings
+        )
+
+    async def json(self, turn: Turn) -> Response:
+        outcome = await self._follower.outcome(turn.assistant_message.id)
+        body = {
+            "conversation_id": str(turn.conversation_id),
+            "user_message": turn.user_message.model_dump(mode="json"),
+            "assistant_message": outcome.message,
+        }
+        if outcome.problem is not None:
+            return JSONResponse(
+                outcome.problem | body,
+                status_code=outcome.problem["status"],
+                media_type=PROBLEM_JSON,
+                headers=outcome.headers,
+            )
+        return JSONResponse(body, status_code=status.HTTP_201_CREATED)
+
+    async def _cancelled_on_disconnect(
+        self, turn: Turn, events: AsyncIterator[ServerSentEvent]
+    ) -> AsyncIterator[ServerSentEvent]:
+        finished = False
+        try:
+            async for event in events:
+                yield event
+                finished = event.event in ("done", "error")
+        finally:
+            if not finished:
+                self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)

@@ -1,0 +1,112 @@
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from sqlalchemy import update
+from sse_starlette import EventSourceResponse
+
+from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
+from chatbot.conversations.models import Conversation
+from chatbot.db import utcnow
+from chatbot.deps import (
+    FollowerDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+    StreamSignerDep,
+)
+from chatbot.errors import BadRequest
+from chatbot.ids import parse_id
+from chatbot.messages.deps import get_owned_message, message_not_found, preceding_user_message
+from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.schemas import MessageOut
+from chatbot.streams.registry import StopReason
+from chatbot.streams.sse import parse_event_id, reply_events, start_event, stream_response
+
+router = APIRouter(prefix="/v1/messages", tags=["streams"])
+
+StreamToken = Annotated[
+    str | None, Query(max_length=4096, description="The token of a `stream_url`")
+]
+StartingAfter = Annotated[
+    int | None, Query(ge=0, le=10**12, description="Resume after this many characters")
+]
+LastEventId = Annotated[str | None, Header(max_length=100)]
+
+
+@router.get(
+    "/{message_id}/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def follow_message(
+    message_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    follower: FollowerDep,
+    signer: StreamSignerDep,
+    token: StreamToken = None,
+    access_token: AccessTokenQuery = None,
+    starting_after: StartingAfter = None,
+    last_event_id: LastEventId = None,
+) -> EventSourceResponse:
+    """Replay what the reply has so far, then stream the rest live, then `done` or `error`."""
+    if token is not None:
+        user_id = signer.verify(token, parse_id(message_id, message_not_found()))
+    else:
+        user_id = streaming_user(request, settings, access_token)
+    message = await get_owned_message(session, user_id, message_id)
+    if message.role is not Role.ASSISTANT:
+        raise BadRequest("Only assistant messages can be followed", code="not_a_reply")
+    offset = starting_after or 0
+    if last_event_id:
+        event_message_id, offset = parse_event_id(last_event_id)
+        if event_message_id != message.id:
+            raise BadRequest("Last-Event-ID belongs to another message", code="invalid_event_id")
+    start = None
+    if offset == 0:
+        user_message = await preceding_user_message(session, message)
+        start = start_event(
+            message.conversation_id,
+            MessageOut.of(user_message).model_dump(mode="json") if user_message else {},
+            MessageOut.of(message).model_dump(mode="json"),
+        )
+    return stream_response(
+        reply_events(message.id, follower.events(message.id, offset), start), settings
+    )
+
+
+@router.post("/{message_id}/cancel")
+async def cancel_message(
+    message_id: str,
+    user_id: CurrentUser,
+    session: SessionDep,
+    registry: RegistryDep,
+    follower: FollowerDep,
+) -> dict[str, Any]:
+    """Stop a reply at once; the partial text is kept as `cancelled`. Harmless when repeated."""
+    message = await get_owned_message(session, user_id, message_id)
+    if (
+        message.status is MessageStatus.IN_PROGRESS
+        and registry.stop(message.id, StopReason.CANCELLED) is None
+    ):
+        # Not running here: stored as cancelled with its last checkpoint, and the process that
+        # runs it (if any) stops it at its next checkpoint.
+        await _cancel_elsewhere(session, message)
+    outcome = await follower.outcome(message.id)
+    return {"assistant_message": outcome.message}
+
+
+async def _cancel_elsewhere(session: SessionDep, message: Message) -> None:
+    now = utcnow()
+    await session.execute(
+        update(Message)
+        .where(Message.id == message.id, Message.status == MessageStatus.IN_PROGRESS)
+        .values(status=MessageStatus.CANCELLED, completed_at=now)
+    )
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.active_reply_id == message.id)
+        .values(active_reply_id=None, updated_at=now)
+    )
+    await session.commit()

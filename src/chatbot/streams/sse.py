@@ -1,0 +1,79 @@
+"""The wire format of a reply stream (see the HTTP contract, "The SSE stream")."""
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from chatbot.config import Settings
+from chatbot.errors import BadRequest
+from chatbot.streams.registry import Delta, Outcome
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d{1,12})$")
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_event_id(value: str) -> tuple[uuid.UUID, int]:
+    """`<message_id>:<characters delivered>`, as sent back in `Last-Event-ID`."""
+    match = _EVENT_ID.match(value.strip())
+    if match is None:
+        raise BadRequest("Last-Event-ID is not an id this service sent", code="invalid_event_id")
+    try:
+        return uuid.UUID(match[1]), int(match[2])
+    except ValueError:
+        raise BadRequest(
+            "Last-Event-ID is not an id this service sent", code="invalid_event_id"
+        ) from None
+
+
+def start_event(
+    conversation_id: uuid.UUID, user_message: dict[str, Any], assistant_message: dict[str, Any]
+) -> ServerSentEvent:
+    return ServerSentEvent(
+        event="start",
+        id=f"{assistant_message['id']}:0",
+        data=_json(
+            {
+                "conversation_id": str(conversation_id),
+                "user_message": user_message,
+                "assistant_message": assistant_message,
+            }
+        ),
+    )
+
+
+async def reply_events(
+    message_id: uuid.UUID,
+    items: AsyncIterator[Delta | Outcome],
+    start: ServerSentEvent | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    if start is not None:
+        yield start
+    async for item in items:
+        if isinstance(item, Delta):
+            yield ServerSentEvent(
+                event="delta", id=f"{message_id}:{item.end}", data=_json({"content": item.text})
+            )
+        elif item.problem is not None:
+            yield ServerSentEvent(event="error", data=_json(item.problem))
+        else:
+            yield ServerSentEvent(event="done", data=_json({"assistant_message": item.message}))
+
+
+def stream_response(
+    events: AsyncIterator[ServerSentEvent], settings: Settings
+) -> EventSourceResponse:
+    # The send timeout drops a client that stopped reading, so it cannot pin memory.
+    return EventSourceResponse(
+        events,
+        headers=STREAM_HEADERS,
+        ping=settings.sse_ping_seconds,
+        send_timeout=settings.sse_send_timeout,
+    )
