@@ -105,7 +105,7 @@ def test_cli_migrates_and_refuses_an_unsafe_start(tmp_path: Any) -> None:
 
 
 async def test_shutdown_stores_a_running_reply_as_incomplete(start_service: Any) -> None:
-    async with start_service() as service:
+    async with start_service(shutdown_grace_seconds=0.2) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(tokens=["one", " two"], gate=asyncio.Event()))
         async with service.client.stream(

@@ -67,6 +67,10 @@ async def reply_events(
             yield ServerSentEvent(event="done", data=_json({"assistant_message": item.message}))
 
 
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping")
+
+
 def stream_response(
     events: AsyncIterator[ServerSentEvent], settings: Settings
 ) -> EventSourceResponse:
@@ -75,5 +79,6 @@ def stream_response(
         events,
         headers=STREAM_HEADERS,
         ping=settings.sse_ping_seconds,
+        ping_message_factory=_ping,
         send_timeout=settings.sse_send_timeout,
     )

@@ -1,0 +1,288 @@
+"""Stopping replies: cancel, checkpoints, crashes, shutdown, and replies run by another process."""
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chatbot.conversations.models import Conversation
+from chatbot.db import create_engine, create_sessionmaker, utcnow
+from chatbot.messages.models import Message, MessageStatus, Role
+from tests.conftest import Service, collect_events, read_events
+from tests.fake_upstream import Reply
+
+TOKENS = ["Never", " gonna", " give", " you", " up"]
+
+
+def _sessions(service: Service) -> async_sessionmaker[AsyncSession]:
+    sessionmaker: async_sessionmaker[AsyncSession] = service.server.app.state.sessionmaker
+    return sessionmaker
+
+
+async def _stored(service: Service, message_id: str) -> Message:
+    async with _sessions(service)() as session:
+        message = await session.get(Message, uuid.UUID(message_id))
+    assert message is not None
+    return message
+
+
+async def test_cancel_mid_reply_keeps_the_partial_text_and_closes_the_upstream(
+    service: Service,
+) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+    async with service.client.stream(
+        "POST",
+        f"/v1/conversations/{conversation['id']}/messages?stream=true",
+        json={"content": "sing"},
+        headers=service.auth(),
+    ) as response:
+        events = read_events(response)
+        start = await anext(events)
+        first = await anext(events)
+        assert first.data == {"content": "Never"}
+        message_id = start.data["assistant_message"]["id"]
+
+        # A second client follows the same reply while it is cancelled.
+        async with service.client.stream(
+            "GET", f"/v1/messages/{message_id}/stream", headers=service.auth()
+        ) as follower:
+            follower_events = read_events(follower)
+            await anext(follower_events)  # start
+            cancelled = await service.client.post(
+                f"/v1/messages/{message_id}/cancel", headers=service.auth()
+            )
+            follower_rest = [event async for event in follower_events]
+        rest = [event async for event in events]
+
+    assert cancelled.status_code == 200
+    assert cancelled.json()["assistant_message"]["status"] == "cancelled"
+    assert cancelled.json()["assistant_message"]["content"] == "Never"
+    assert rest[-1].event == "done"
+    assert rest[-1].data["assistant_message"]["status"] == "cancelled"
+    assert follower_rest[-1].event == "done"
+    stored = await _stored(service, message_id)
+    assert stored.status is MessageStatus.CANCELLED
+    assert stored.content == "Never"
+    # The upstream saw its connection closed while it still held the rest of the reply.
+    for _ in range(50):
+        if service.upstream.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert service.upstream.disconnects == 1
+
+    again = await service.client.post(f"/v1/messages/{message_id}/cancel", headers=service.auth())
+    assert again.status_code == 200
+    assert again.json()["assistant_message"]["status"] == "cancelled"
+    # The conversation takes the next turn.
+    next_turn = await service.client.post(
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "again"},
+        headers=service.auth(),
+    )
+    assert next_turn.status_code == 201
+
+
+async def test_cancelling_a_finished_reply_changes_nothing(service: Service) -> None:
+    conversation = await service.create_conversation()
+    body = (
+        await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "hi"},
+            headers=service.auth(),
+        )
+    ).json()
+    message_id = body["assistant_message"]["id"]
+    response = await service.client.post(
+        f"/v1/messages/{message_id}/cancel", headers=service.auth()
+    )
+    assert response.status_code == 200
+    assert response.json()["assistant_message"] == body["assistant_message"]
+
+
+async def test_running_replies_are_checkpointed(start_service: Any) -> None:
+    async with start_service(checkpoint_seconds=0.1) as service:
+        conversation = await service.create_conversation()
+        gate = asyncio.Event()
+        service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+        body = (
+            await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "sing", "background": True},
+                headers=service.auth(),
+            )
+        ).json()
+        message_id = body["assistant_message"]["id"]
+        for _ in range(50):
+            stored = await _stored(service, message_id)
+            if stored.content:
+                break
+            await asyncio.sleep(0.05)
+        assert stored.content == "Never"
+        assert stored.status is MessageStatus.IN_PROGRESS
+        first_checkpoint = stored.checkpoint_at
+        await asyncio.sleep(0.3)
+        assert (await _stored(service, message_id)).checkpoint_at != first_checkpoint
+        gate.set()
+
+
+async def test_replies_left_by_a_dead_process_are_marked_incomplete(
+    make_settings: Any, start_service: Any
+) -> None:
+    settings = make_settings(stale_reply_seconds=5)
+    engine = create_engine(settings.database_url)
+    sessionmaker = create_sessionmaker(engine)
+    from chatbot.db import migrate
+
+    await migrate(engine)
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    long_ago = utcnow() - timedelta(minutes=5)
+    async with sessionmaker() as session:
+        session.add(
+            Conversation(
+                id=conversation_id,
+                user_id="alice",
+                metadata_={},
+                message_count=2,
+                active_reply_id=message_id,
+                created_at=long_ago,
+                updated_at=long_ago,
+            )
+        )
+        await session.flush()
+        session.add_all(
+            [
+                Message(
+                    conversation_id=conversation_id,
+                    seq=1,
+                    role=Role.USER,
+                    content="hello?",
+                    status=MessageStatus.COMPLETED,
+                    created_at=long_ago,
+                ),
+                Message(
+                    id=message_id,
+                    conversation_id=conversation_id,
+                    seq=2,
+                    role=Role.ASSISTANT,
+                    content="Half of it",
+                    status=MessageStatus.IN_PROGRESS,
+                    created_at=long_ago,
+                    checkpoint_at=long_ago,
+                ),
+            ]
+        )
+        await session.commit()
+    await engine.dispose()
+
+    async with start_service(stale_reply_seconds=5) as service:
+        stored = await _stored(service, str(message_id))
+        assert stored.status is MessageStatus.INCOMPLETE
+        assert stored.content == "Half of it"
+        assert stored.error is not None
+        assert stored.error["code"] == "interrupted"
+        turn = await service.client.post(
+            f"/v1/conversations/{conversation_id}/messages",
+            json={"content": "still there?"},
+            headers=service.auth(),
+        )
+        assert turn.status_code == 201
+
+
+async def test_a_reply_running_in_another_process_is_followed_through_the_database(
+    start_service: Any,
+) -> None:
+    async with start_service(checkpoint_seconds=0.05) as service:
+        conversation = await service.create_conversation()
+        body = (
+            await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "hi"},
+                headers=service.auth(),
+            )
+        ).json()
+        message_id = uuid.UUID(body["assistant_message"]["id"])
+        # Pretend another instance is generating it: in progress, and not in our registry.
+        async with _sessions(service)() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(status=MessageStatus.IN_PROGRESS, content="Hel", checkpoint_at=utcnow())
+            )
+            await session.commit()
+
+        async def other_instance() -> None:
+            await asyncio.sleep(0.2)
+            async with _sessions(service)() as session:
+                await session.execute(
+                    update(Message)
+                    .where(Message.id == message_id)
+                    .values(content="Hello, world!", status=MessageStatus.COMPLETED)
+                )
+                await session.commit()
+
+        writer = asyncio.create_task(other_instance())
+        async with service.client.stream(
+            "GET", f"/v1/messages/{message_id}/stream?starting_after=1", headers=service.auth()
+        ) as response:
+            events = await collect_events(response)
+        await writer
+        deltas = [event.data["content"] for event in events if event.event == "delta"]
+        assert "".join(deltas) == "ello, world!"
+        assert deltas[0] == "el"
+        assert events[-1].event == "done"
+
+
+async def test_cancel_on_disconnect_when_configured(start_service: Any) -> None:
+    async with start_service(cancel_on_disconnect=True) as service:
+        conversation = await service.create_conversation()
+        gate = asyncio.Event()
+        service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+        async with service.client.stream(
+            "POST",
+            f"/v1/conversations/{conversation['id']}/messages?stream=true",
+            json={"content": "sing"},
+            headers=service.auth(),
+        ) as response:
+            events = read_events(response)
+            start = await anext(events)
+            await anext(events)
+        message_id = start.data["assistant_message"]["id"]
+        for _ in range(100):
+            stored = await _stored(service, message_id)
+            if stored.status is not MessageStatus.IN_PROGRESS:
+                break
+            await asyncio.sleep(0.02)
+        assert stored.status is MessageStatus.CANCELLED
+        assert stored.content == "Never"
+
+
+async def test_shutdown_lets_replies_finish_within_the_grace_period(start_service: Any) -> None:
+    async with start_service(shutdown_grace_seconds=5) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=TOKENS, token_delay=0.1))
+        body = (
+            await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "sing", "background": True},
+                headers=service.auth(),
+            )
+        ).json()
+        sessionmaker = _sessions(service)
+        database_url = service.settings.database_url
+    engine = create_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            stored = await session.scalar(
+                select(Message).where(Message.id == uuid.UUID(body["assistant_message"]["id"]))
+            )
+    finally:
+        await engine.dispose()
+    assert sessionmaker is not None
+    assert stored is not None
+    assert stored.status is MessageStatus.COMPLETED
+    assert stored.content == "".join(TOKENS)
