@@ -24,6 +24,7 @@ from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.keeper import ReplyKeeper
 from chatbot.streams.registry import InProcessRegistry
 from chatbot.streams.router import router as streams_router
+from chatbot.web.router import router as web_router
 
 logger = logging.getLogger(__name__)
 
@@ -98,4 +99,5 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
     app.include_router(messages_router)
     app.include_router(chat_router)
     app.include_router(streams_router)
+    app.include_router(web_router)
     return app

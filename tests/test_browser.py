@@ -1,0 +1,74 @@
+"""The chat page in headless Chromium (Debian's), driven by Playwright: stream, reload, stop."""
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import async_playwright, expect
+
+from tests.fake_upstream import Reply
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CHATBOT_REQUIRE_BROWSER"):
+        raise RuntimeError("chromium is required (apt-get install -y chromium)")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+WORDS = [f" word{index}" for index in range(25)]
+
+
+async def test_chat_page_streams_resumes_after_reload_and_stops(
+    start_service: Any, tmp_path: Path
+) -> None:
+    async with (
+        start_service(auth="none", checkpoint_seconds=0.2) as service,
+        async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(service.url + "/")
+            await expect(page.locator("#send")).to_be_enabled()
+
+            service.upstream.queue(Reply(tokens=WORDS, token_delay=0.1))
+            await page.fill("#input", "Hello from the browser")
+            await page.click("#send")
+            reply = page.locator(".message.assistant").last
+            await expect(reply.locator(".content")).to_contain_text("word3")
+            await expect(reply).to_have_attribute("data-status", "in_progress")
+
+            # Reload mid-reply: the page finds the running reply and follows it to the end.
+            await page.reload()
+            reply = page.locator(".message.assistant").last
+            await expect(reply).to_have_attribute("data-status", "completed", timeout=15_000)
+            await expect(reply.locator(".content")).to_have_text("".join(WORDS))
+            assert len(service.upstream.requests) == 1
+            await expect(page.locator("#conversations li")).to_have_count(1)
+
+            gate = asyncio.Event()
+            service.upstream.queue(Reply(tokens=["Stop", " me", " now"], gate=gate))
+            await page.fill("#input", "Now something long")
+            await page.click("#send")
+            reply = page.locator(".message.assistant").last
+            await expect(reply.locator(".content")).to_have_text("Stop")
+            await page.click("#stop")
+            await expect(reply).to_have_attribute("data-status", "cancelled")
+            await expect(page.locator("#stop")).to_be_hidden()
+            await page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            await browser.close()
+        conversation_id = (await service.client.get("/v1/conversations")).json()["data"][0]["id"]
+        stored = await service.messages(conversation_id)
+        assert [(m["role"], m["status"]) for m in stored] == [
+            ("user", "completed"),
+            ("assistant", "completed"),
+            ("user", "completed"),
+            ("assistant", "cancelled"),
+        ]
+        assert stored[-1]["content"] == "Stop"
+        assert len(service.upstream.requests) == 2
