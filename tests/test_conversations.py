@@ -1,11 +1,14 @@
 """Conversations and messages as resources: CRUD, paging, and bad input answered with problems."""
 
-import asyncio
+import base64
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
 
+from chatbot.messages.models import Message
 from tests.conftest import Service
 
 
@@ -105,23 +108,29 @@ async def test_messages_are_paged_oldest_first(service: Service) -> None:
     assert contents == ["q0", answer, "q1", answer, "q2", answer]
 
 
-async def test_messages_keep_their_order_when_written_in_the_same_instant(
-    service: Service,
-) -> None:
-    conversations = [await service.create_conversation() for _ in range(4)]
-    await asyncio.gather(
-        *(
-            service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "same time"},
-                headers=service.auth(),
-            )
-            for conversation in conversations
+async def test_message_order_never_depends_on_the_clock(service: Service) -> None:
+    conversation = await service.create_conversation()
+    url = f"/v1/conversations/{conversation['id']}/messages"
+    for index in range(3):
+        await service.client.post(url, json={"content": f"q{index}"}, headers=service.auth())
+    # Give every message the same timestamp, then timestamps running backwards.
+    engine = service.server.app.state.engine
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(Message).values(created_at=datetime(2030, 1, 1, tzinfo=UTC))
         )
-    )
-    for conversation in conversations:
-        roles = [message["role"] for message in await service.messages(conversation["id"])]
-        assert roles == ["user", "assistant"]
+    expected = ["q0", "Hello, world!", "q1", "Hello, world!", "q2", "Hello, world!"]
+    assert [m["content"] for m in await service.messages(conversation["id"])] == expected
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(Message)
+            .where(Message.content == "q2")
+            .values(created_at=datetime(2000, 1, 1, tzinfo=UTC))
+        )
+    assert [m["content"] for m in await service.messages(conversation["id"])] == expected
+    await service.client.post(url, json={"content": "q3"}, headers=service.auth())
+    sent = service.upstream.requests[-1].body["messages"]
+    assert [m["content"] for m in sent[1:]] == [*expected, "q3"]
 
 
 async def test_every_response_carries_a_request_id(service: Service) -> None:
@@ -131,6 +140,13 @@ async def test_every_response_carries_a_request_id(service: Service) -> None:
     assert len(generated.headers["x-request-id"]) == 32
     hostile = await service.client.get("/healthz", headers={"X-Request-ID": "a b\tc" * 100})
     assert hostile.headers["x-request-id"] != "a b\tc" * 100
+
+
+ZERO = "00000000-0000-0000-0000-000000000000"
+
+
+def _cursor(position: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
 BAD_CONVERSATIONS: dict[str, tuple[Any, int, str]] = {
@@ -206,13 +222,24 @@ async def test_bad_messages_are_422_and_never_reach_the_model(
         ("/v1/conversations", {"limit": "ten"}, 422),
         ("/v1/conversations", {"cursor": "garbage!"}, 400),
         ("/v1/conversations", {"cursor": "eyJ4IjogMX0"}, 400),
+        ("/v1/conversations", {"cursor": _cursor({"u": "2024-01-01T00:00:00", "i": ZERO})}, 400),
+        (
+            "/v1/conversations",
+            {"cursor": _cursor({"u": "0001-01-01T00:00:00+05:00", "i": ZERO})},
+            400,
+        ),
+        ("/v1/conversations/{id}/messages", {"cursor": _cursor({"s": 2**40})}, 400),
+        ("/v1/conversations/{id}/messages", {"cursor": _cursor({"s": 2**70})}, 400),
         ("/v1/nowhere", {}, 404),
     ],
 )
 async def test_bad_ids_and_paging_parameters(
     service: Service, path: str, params: dict[str, Any], status: int
 ) -> None:
-    response = await service.client.get(path, params=params, headers=service.auth())
+    conversation = await service.create_conversation()
+    response = await service.client.get(
+        path.format(id=conversation["id"]), params=params, headers=service.auth()
+    )
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
 

@@ -3,11 +3,14 @@
 import asyncio
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chatbot.chat.generation import ReplyRunner
+from chatbot.chat.router import get_runner
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, create_sessionmaker, utcnow
 from chatbot.messages.models import Message, MessageStatus, Role
@@ -286,3 +289,85 @@ async def test_shutdown_lets_replies_finish_within_the_grace_period(start_servic
     assert stored is not None
     assert stored.status is MessageStatus.COMPLETED
     assert stored.content == "".join(TOKENS)
+
+
+async def test_deleting_a_conversation_mid_reply_stops_the_reply(service: Service) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+    url = f"/v1/conversations/{conversation['id']}"
+
+    async def send() -> Any:
+        return await service.client.post(
+            f"{url}/messages", json={"content": "sing"}, headers=service.auth()
+        )
+
+    pending = asyncio.create_task(send())
+    for _ in range(100):
+        if service.upstream.requests:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    deleted = await service.client.delete(url, headers=service.auth())
+    assert deleted.status_code == 204
+    response = await pending
+    assert response.status_code == 404
+    assert response.json()["code"] == "message_not_found"
+    for _ in range(50):
+        if service.upstream.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert service.upstream.disconnects == 1
+
+
+class _FirstCommitFails(AsyncSession):
+    """A session whose first commit in the test fails as if the database went away."""
+
+    failures = 1
+
+    async def commit(self) -> None:
+        if _FirstCommitFails.failures:
+            _FirstCommitFails.failures -= 1
+            raise OperationalError("COMMIT", {}, ConnectionError("database went away"))
+        await super().commit()
+
+
+async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
+    service: Service,
+) -> None:
+    app = service.server.app
+    failing = cast(
+        async_sessionmaker[AsyncSession],
+        async_sessionmaker(app.state.engine, class_=_FirstCommitFails, expire_on_commit=False),
+    )
+    _FirstCommitFails.failures = 1
+    app.dependency_overrides[get_runner] = lambda: ReplyRunner(
+        service.settings, failing, app.state.llm
+    )
+    conversation = await service.create_conversation()
+    url = f"/v1/conversations/{conversation['id']}/messages"
+    try:
+        response = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+    finally:
+        app.dependency_overrides.clear()
+    assert response.status_code == 503
+    assert response.json()["code"] == "storage_failed"
+    reply = (await service.messages(conversation["id"]))[-1]
+    assert reply["status"] == "incomplete"
+    assert reply["error"]["code"] == "storage_failed"
+    again = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+    assert again.status_code == 201
+
+
+async def test_nul_bytes_from_the_model_are_dropped_not_fatal(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=["a\u0000b", "\u0000", "c"], model="m" * 300))
+    response = await service.client.post(
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "hi"},
+        headers=service.auth(),
+    )
+    assert response.status_code == 201
+    reply = response.json()["assistant_message"]
+    assert reply["content"] == "abc"
+    assert reply["model"] == "m" * 200

@@ -78,6 +78,14 @@ class ServiceUnavailable(AppError):
     detail = "Service temporarily unavailable"
 
 
+def conversation_not_found() -> NotFound:
+    return NotFound("Conversation not found", code="conversation_not_found")
+
+
+def message_not_found() -> NotFound:
+    return NotFound("Message not found", code="message_not_found")
+
+
 def problem(status: int, detail: str, code: str, **extra: Any) -> dict[str, Any]:
     return {
         "type": "about:blank",

@@ -5,16 +5,15 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.config import Settings
-from chatbot.conversations.models import Conversation
+from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.errors import AppError, UpstreamError
 from chatbot.llm.client import Completion, CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
-from chatbot.messages.models import Message, MessageStatus
+from chatbot.messages.models import MessageStatus
 from chatbot.streams.follow import outcome_of
 from chatbot.streams.registry import Generation, Outcome, StopReason
 
@@ -47,10 +46,11 @@ class ReplyRunner:
                 async for event in self._llm.stream(request):
                     if isinstance(event, Completion):
                         completion = event
-                    elif event.text:
+                    elif text := event.text.replace("\x00", ""):
+                        # PostgreSQL cannot store NUL in text; nobody can read it either.
                         if ttft_ms is None:
                             ttft_ms = elapsed_ms(started)
-                        generation.append(event.text)
+                        generation.append(text)
             if not generation.length:
                 status = MessageStatus.FAILED
                 error = UpstreamError("The model returned an empty reply", code="empty_reply")
@@ -104,39 +104,65 @@ class ReplyRunner:
             ),
         }
         if completion is not None:
-            values["finish_reason"] = completion.finish_reason
+            # Whatever the provider sends must fit the columns it is stored in.
+            values["finish_reason"] = (completion.finish_reason or "")[:50] or None
             if completion.model:
-                values["model"] = completion.model
+                values["model"] = completion.model[:200]
             if completion.usage is not None:
                 values["prompt_tokens"] = completion.usage.prompt_tokens
                 values["completion_tokens"] = completion.usage.completion_tokens
                 values["total_tokens"] = completion.usage.total_tokens
-        stored: Message | None = None
+        outcome: Outcome | None = None
+        try:
+            if generation.stop_reason is not StopReason.SUPERSEDED:
+                error = await self._commit(generation, values) or error
+            outcome = await self._stored_outcome(generation, error)
+        finally:
+            generation.finish(outcome or _lost(generation, error))
+
+    async def _commit(self, generation: Generation, values: dict[str, Any]) -> AppError | None:
+        """Store the reply and free its conversation; on failure, at least do the latter."""
         try:
             async with self._sessionmaker() as session:
-                if generation.stop_reason is not StopReason.SUPERSEDED:
-                    await messages.finish(session, generation.message_id, values)
-                    await session.execute(
-                        update(Conversation)
-                        .where(
-                            Conversation.id == generation.conversation_id,
-                            Conversation.active_reply_id == generation.message_id,
-                        )
-                        .values(active_reply_id=None, updated_at=utcnow(), last_message_at=utcnow())
-                    )
-                    await session.commit()
-                stored = await messages.get(session, generation.message_id)
+                await messages.finish(session, generation.message_id, values)
+                await conversations.release_reply(
+                    session, generation.conversation_id, generation.message_id
+                )
+                await session.commit()
+            return None
         except Exception:
             logger.exception("could not store reply %s", generation.message_id)
-            error = AppError("The reply could not be stored", code="storage_failed", status=503)
-        if stored is not None:
-            generation.finish(outcome_of(stored, headers=error.headers if error else None))
-            return
-        missing = AppError("The reply no longer exists", code="message_not_found", status=404)
-        problem = (error or missing).to_problem()
-        generation.finish(
-            Outcome(
-                message={"id": str(generation.message_id)},
-                problem=problem | {"assistant_message_id": str(generation.message_id)},
-            )
-        )
+        error = AppError("The reply could not be stored", code="storage_failed", status=503)
+        fallback = {
+            "status": MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED,
+            "error": {"code": error.code, "detail": error.detail, "status": error.status},
+            "completed_at": utcnow(),
+        }
+        try:
+            async with self._sessionmaker() as session:
+                await messages.finish(session, generation.message_id, fallback)
+                await conversations.release_reply(
+                    session, generation.conversation_id, generation.message_id
+                )
+                await session.commit()
+        except Exception:
+            # The sweep frees the conversation once this reply's checkpoints are stale.
+            logger.exception("could not mark reply %s as failed", generation.message_id)
+        return error
+
+    async def _stored_outcome(self, generation: Generation, error: AppError | None) -> Outcome:
+        async with self._sessionmaker() as session:
+            stored = await messages.get(session, generation.message_id)
+        if stored is None:
+            return _lost(generation, error)
+        return outcome_of(stored, headers=error.headers if error else None)
+
+
+def _lost(generation: Generation, error: AppError | None) -> Outcome:
+    """The outcome of a reply whose row is gone (its conversation was deleted) or unreadable."""
+    missing = AppError("The reply no longer exists", code="message_not_found", status=404)
+    problem = (error or missing).to_problem()
+    return Outcome(
+        message={"id": str(generation.message_id)},
+        problem=problem | {"assistant_message_id": str(generation.message_id)},
+    )

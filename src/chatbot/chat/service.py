@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,12 +14,12 @@ from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.models import IdempotencyKey
 from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOptions
 from chatbot.config import Settings
-from chatbot.conversations.deps import conversation_not_found
+from chatbot.conversations import repository as conversations
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate
 from chatbot.conversations.service import new_conversation
 from chatbot.db import utcnow
-from chatbot.errors import AppError, BadRequest, Conflict
+from chatbot.errors import AppError, BadRequest, Conflict, conversation_not_found
 from chatbot.ids import parse_id
 from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
@@ -200,36 +200,13 @@ class ChatService:
     async def _reserve(
         self, user_id: str, conversation_id: uuid.UUID, assistant_id: uuid.UUID
     ) -> Conversation:
-        """Claim the conversation for one reply and two message positions, atomically.
-
-        The conditional update is the whole lock: a concurrent turn finds `active_reply_id`
-        set and gets 409, on SQLite and PostgreSQL alike, across any number of instances.
-        """
-        now = utcnow()
-        claimed = await self._session.scalar(
-            update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                Conversation.user_id == user_id,
-                Conversation.active_reply_id.is_(None),
-            )
-            .values(
-                active_reply_id=assistant_id,
-                message_count=Conversation.message_count + 2,
-                updated_at=now,
-                last_message_at=now,
-            )
-            .returning(Conversation)
-            .execution_options(populate_existing=True)
+        """Claim the conversation for this turn; 409 while another reply is generated."""
+        claimed = await conversations.claim_reply(
+            self._session, user_id, conversation_id, assistant_id
         )
         if claimed is not None:
             return claimed
-        exists = await self._session.scalar(
-            select(Conversation.id).where(
-                Conversation.id == conversation_id, Conversation.user_id == user_id
-            )
-        )
-        if exists is None:
+        if not await conversations.exists(self._session, user_id, conversation_id):
             raise conversation_not_found()
         raise Conflict(
             "A reply is still being generated in this conversation", code="reply_in_progress"

@@ -6,12 +6,8 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import repository
 from chatbot.conversations.models import Conversation
 from chatbot.deps import SessionDep
-from chatbot.errors import NotFound
+from chatbot.errors import conversation_not_found
 from chatbot.ids import parse_id
-
-
-def conversation_not_found() -> NotFound:
-    return NotFound("Conversation not found", code="conversation_not_found")
 
 
 async def owned_conversation(

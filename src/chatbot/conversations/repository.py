@@ -1,10 +1,11 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
+from chatbot.db import utcnow
 
 
 async def get_owned(
@@ -49,3 +50,59 @@ async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uui
         )
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+async def claim_reply(
+    session: AsyncSession, user_id: str, conversation_id: uuid.UUID, reply_id: uuid.UUID
+) -> Conversation | None:
+    """Claim an idle conversation for one reply and two message positions, atomically.
+
+    The conditional update is the whole lock: a concurrent turn finds `active_reply_id` set,
+    on SQLite and PostgreSQL alike, across any number of instances.
+    """
+    now = utcnow()
+    claimed: Conversation | None = await session.scalar(
+        update(Conversation)
+        .where(
+            Conversation.id == conversation_id,
+            Conversation.user_id == user_id,
+            Conversation.active_reply_id.is_(None),
+        )
+        .values(
+            active_reply_id=reply_id,
+            message_count=Conversation.message_count + 2,
+            updated_at=now,
+            last_message_at=now,
+        )
+        .returning(Conversation)
+        .execution_options(populate_existing=True)
+    )
+    return claimed
+
+
+async def release_reply(
+    session: AsyncSession, conversation_id: uuid.UUID, reply_id: uuid.UUID
+) -> None:
+    now = utcnow()
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
+        .values(active_reply_id=None, updated_at=now, last_message_at=now)
+    )
+
+
+async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> None:
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.active_reply_id.in_(reply_ids))
+        .values(active_reply_id=None)
+    )
+
+
+async def exists(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool:
+    found = await session.scalar(
+        select(Conversation.id).where(
+            Conversation.id == conversation_id, Conversation.user_id == user_id
+        )
+    )
+    return found is not None

@@ -4,8 +4,9 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import service
 from chatbot.conversations.deps import OwnedConversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
-from chatbot.deps import SessionDep
+from chatbot.deps import RegistryDep, SessionDep
 from chatbot.pagination import DEFAULT_LIMIT, Cursor, Limit, Page
+from chatbot.streams.registry import StopReason
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
@@ -40,6 +41,11 @@ async def update_conversation(
 
 
 @router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_conversation(conversation: OwnedConversation, session: SessionDep) -> Response:
+async def delete_conversation(
+    conversation: OwnedConversation, session: SessionDep, registry: RegistryDep
+) -> Response:
+    if conversation.active_reply_id is not None:
+        # Nobody is left to read the reply: stop paying for it.
+        registry.stop(conversation.active_reply_id, StopReason.CANCELLED)
     await service.delete(session, conversation.user_id, conversation.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

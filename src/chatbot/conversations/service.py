@@ -1,14 +1,13 @@
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations import repository
-from chatbot.conversations.deps import conversation_not_found
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
 from chatbot.db import utcnow
-from chatbot.errors import BadRequest
+from chatbot.errors import BadRequest, conversation_not_found
 from chatbot.pagination import Page, decode_cursor, encode_cursor
 
 
@@ -50,8 +49,11 @@ async def list_page(
 def _conversation_position(cursor: str) -> tuple[datetime, uuid.UUID]:
     position = decode_cursor(cursor)
     try:
-        return datetime.fromisoformat(position["u"]), uuid.UUID(position["i"])
-    except (KeyError, TypeError, ValueError):
+        updated_at = datetime.fromisoformat(position["u"])
+        if updated_at.tzinfo is None:
+            raise ValueError("naive time")
+        return updated_at.astimezone(UTC), uuid.UUID(position["i"])
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise BadRequest("The cursor is not valid", code="invalid_cursor") from None
 
 

@@ -2,13 +2,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
-from chatbot.errors import NotFound
+from chatbot.errors import message_not_found
 from chatbot.ids import parse_id
 from chatbot.messages.models import Message
-
-
-def message_not_found() -> NotFound:
-    return NotFound("Message not found", code="message_not_found")
 
 
 async def get_owned_message(session: AsyncSession, user_id: str, message_id: str) -> Message:

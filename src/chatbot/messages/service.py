@@ -23,6 +23,6 @@ async def list_page(
 
 def _message_position(cursor: str) -> int:
     position = decode_cursor(cursor).get("s")
-    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+    if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < 2**31:
         raise BadRequest("The cursor is not valid", code="invalid_cursor")
     return position

@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.chat.models import IdempotencyKey
-from chatbot.conversations.models import Conversation
+from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.messages.models import Message, MessageStatus
 from chatbot.streams.registry import ReplyRegistry, StopReason
@@ -129,11 +129,7 @@ class ReplyKeeper:
                     .where(Message.id.in_(stale), Message.status == MessageStatus.IN_PROGRESS)
                     .values(status=MessageStatus.INCOMPLETE, error=INTERRUPTED, completed_at=now)
                 )
-                await session.execute(
-                    update(Conversation)
-                    .where(Conversation.active_reply_id.in_(stale))
-                    .values(active_reply_id=None)
-                )
+                await conversations.release_replies(session, stale)
             await session.execute(
                 delete(IdempotencyKey).where(IdempotencyKey.created_at < now - IDEMPOTENCY_WINDOW)
             )

@@ -5,7 +5,7 @@ from sqlalchemy import update
 from sse_starlette import EventSourceResponse
 
 from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
-from chatbot.conversations.models import Conversation
+from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.deps import (
     FollowerDep,
@@ -14,9 +14,9 @@ from chatbot.deps import (
     SettingsDep,
     StreamSignerDep,
 )
-from chatbot.errors import BadRequest
+from chatbot.errors import BadRequest, message_not_found
 from chatbot.ids import parse_id
-from chatbot.messages.deps import get_owned_message, message_not_found, preceding_user_message
+from chatbot.messages.deps import get_owned_message, preceding_user_message
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
 from chatbot.streams.registry import StopReason
@@ -104,9 +104,5 @@ async def _cancel_elsewhere(session: SessionDep, message: Message) -> None:
         .where(Message.id == message.id, Message.status == MessageStatus.IN_PROGRESS)
         .values(status=MessageStatus.CANCELLED, completed_at=now)
     )
-    await session.execute(
-        update(Conversation)
-        .where(Conversation.active_reply_id == message.id)
-        .values(active_reply_id=None, updated_at=now)
-    )
+    await conversations.release_reply(session, message.conversation_id, message.id)
     await session.commit()
