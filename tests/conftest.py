@@ -19,7 +19,7 @@ from chatbot.app import create_app
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings, normalize_database_url
 from chatbot.db import create_engine, migrate
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import UTILITY_MODEL, FakeUpstream
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
 _ENV_PREFIXES = ("CHATBOT_", "OPENAI_", "DATABASE_URL")
@@ -115,6 +115,7 @@ def make_settings(database_url: str, upstream: FakeUpstream) -> Callable[..., Se
             "auth": "jwt",
             "jwt_secret": JWT_SECRET,
             "model": "gpt-4o-mini",
+            "utility_model": UTILITY_MODEL,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

@@ -43,11 +43,19 @@ class ReceivedRequest:
     body: dict[str, Any]
 
 
+UTILITY_MODEL = "utility-model"
+
+
 class FakeUpstream:
+    """Requests for UTILITY_MODEL (titles, summaries) get scripts and a record of their own."""
+
     def __init__(self, default: Reply | None = None) -> None:
         self.default = default or Reply()
         self.script: deque[Reply] = deque()
         self.requests: list[ReceivedRequest] = []
+        self.utility_default = Reply(tokens=["A", " fine", " title"])
+        self.utility_script: deque[Reply] = deque()
+        self.utility_requests: list[ReceivedRequest] = []
         self.open_connections = 0
         self.disconnects = 0
         """Streams the client closed while this server was still holding the reply."""
@@ -103,8 +111,13 @@ class FakeUpstream:
                 headers[name.strip().lower()] = value.strip()
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         body = json.loads(raw) if raw else {}
-        self.requests.append(ReceivedRequest(path, headers, body))
-        reply = self.script.popleft() if self.script else self.default
+        received = ReceivedRequest(path, headers, body)
+        if body.get("model") == UTILITY_MODEL:
+            self.utility_requests.append(received)
+            reply = self.utility_script.popleft() if self.utility_script else self.utility_default
+        else:
+            self.requests.append(received)
+            reply = self.script.popleft() if self.script else self.default
         if reply.status != 200:
             await _send_json(writer, reply.status, reply.error or _error_body(reply.status), reply)
             return True

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.router import get_runner
+from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, create_sessionmaker, utcnow
 from chatbot.messages.models import Message, MessageStatus, Role
@@ -342,7 +343,7 @@ async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
     )
     _FirstCommitFails.failures = 1
     app.dependency_overrides[get_runner] = lambda: ReplyRunner(
-        service.settings, failing, app.state.llm
+        service.settings, failing, app.state.llm, TokenCounter()
     )
     conversation = await service.create_conversation()
     url = f"/v1/conversations/{conversation['id']}/messages"

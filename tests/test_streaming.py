@@ -133,8 +133,11 @@ async def test_history_is_bounded(start_service: Any) -> None:
                 headers=service.auth(),
             )
             assert response.status_code == 201
+            await service.server.app.state.chores.idle()
         sent = service.upstream.requests[-1].body["messages"]
-        assert [message["content"] for message in sent[1:]] == [
+        # What no longer fits travels as the summary, right after the system prompt.
+        assert sent[1]["content"].startswith("Summary of the earlier part")
+        assert [message["content"] for message in sent[2:]] == [
             "question 1",
             "Hello, world!",
             "question 2",

@@ -11,7 +11,12 @@ from chatbot import health
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.router import router as chat_router
-from chatbot.config import Settings
+from chatbot.config import ConfigError, Settings
+from chatbot.context.builder import ContextBuilder
+from chatbot.context.chores import Chores
+from chatbot.context.prompts import PromptProfiles, UnknownProfile
+from chatbot.context.router import router as context_router
+from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.router import router as conversations_router
 from chatbot.db import create_engine, create_sessionmaker, migrate
 from chatbot.errors import install_error_handlers
@@ -47,6 +52,12 @@ def build_llm(settings: Settings) -> LLMClient:
 def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.check_startup()
+    try:
+        profiles = PromptProfiles.from_directory(settings.prompts_dir, settings.prompt_profile)
+    except UnknownProfile as exc:
+        raise ConfigError(
+            f"CHATBOT_PROMPT_PROFILE: {exc.detail} in {settings.prompts_dir}"
+        ) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +71,16 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         sessionmaker = create_sessionmaker(engine)
         registry = InProcessRegistry()
         model = llm or build_llm(settings)
+        counter = TokenCounter()
+        # Load the default model's vocabulary now, not on the first request.
+        await asyncio.to_thread(counter.encoder_for, settings.model)
+        builder = ContextBuilder(settings, counter, profiles)
+        chores = Chores(
+            settings,
+            sessionmaker,
+            builder,
+            utility=None if settings.uses_demo_model and llm is None else model,
+        )
         keeper = ReplyKeeper(
             sessionmaker,
             registry,
@@ -72,7 +93,12 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         app.state.sessionmaker = sessionmaker
         app.state.llm = model
         app.state.registry = registry
-        app.state.runner = ReplyRunner(settings, sessionmaker, model)
+        app.state.profiles = profiles
+        app.state.context_builder = builder
+        app.state.chores = chores
+        app.state.runner = ReplyRunner(
+            settings, sessionmaker, model, counter, after_reply=chores.after_reply
+        )
         app.state.follower = ReplyFollower(sessionmaker, registry, settings.checkpoint_seconds)
         app.state.stream_signer = StreamTokenSigner.from_settings(settings)
         keeper_task = asyncio.create_task(keeper.run(), name="reply-keeper")
@@ -81,6 +107,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             yield
         finally:
             await registry.shutdown(settings.shutdown_grace_seconds)
+            await chores.shutdown()
             keeper_task.cancel()
             await asyncio.gather(keeper_task, return_exceptions=True)
             await model.aclose()
@@ -99,5 +126,6 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
     app.include_router(messages_router)
     app.include_router(chat_router)
     app.include_router(streams_router)
+    app.include_router(context_router)
     app.include_router(web_router)
     return app

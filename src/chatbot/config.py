@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "INFO"
 
+    context_tokens: int | None = Field(default=None, ge=256)
+    reply_reserve_tokens: int = Field(default=1024, ge=1)
+    utility_model: str | None = None
+    prompts_dir: str = "prompts"
+    prompt_profile: str | None = None
+    summary_words: int = Field(default=250, ge=20)
+
     max_message_chars: int = Field(default=32_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     history_messages: int = Field(default=50, ge=0)
@@ -91,7 +98,9 @@ class Settings(BaseSettings):
     def _async_driver(cls, value: str) -> str:
         return normalize_database_url(value)
 
-    @field_validator("openai_base_url", "jwt_audience", "jwt_issuer")
+    @field_validator(
+        "openai_base_url", "jwt_audience", "jwt_issuer", "utility_model", "prompt_profile"
+    )
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

@@ -8,6 +8,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
+from chatbot.context.builder import ContextBuilder
+from chatbot.context.prompts import PromptProfiles
 from chatbot.llm.client import LLMClient
 from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry
@@ -40,6 +42,16 @@ def get_registry(request: Request) -> ReplyRegistry:
     return registry
 
 
+def get_profiles(request: Request) -> PromptProfiles:
+    profiles: PromptProfiles = request.app.state.profiles
+    return profiles
+
+
+def get_context_builder(request: Request) -> ContextBuilder:
+    builder: ContextBuilder = request.app.state.context_builder
+    return builder
+
+
 def get_follower(request: Request) -> ReplyFollower:
     follower: ReplyFollower = request.app.state.follower
     return follower
@@ -57,4 +69,6 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 LLMDep = Annotated[LLMClient, Depends(get_llm)]
 RegistryDep = Annotated[ReplyRegistry, Depends(get_registry)]
 FollowerDep = Annotated[ReplyFollower, Depends(get_follower)]
+ProfilesDep = Annotated[PromptProfiles, Depends(get_profiles)]
+ContextBuilderDep = Annotated[ContextBuilder, Depends(get_context_builder)]
 StreamSignerDep = Annotated[StreamTokenSigner, Depends(get_stream_signer)]

@@ -49,3 +49,6 @@ ModelName = Annotated[
 ]
 SystemPrompt = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
+ProfileName = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+]

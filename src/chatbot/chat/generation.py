@@ -3,11 +3,14 @@
 import asyncio
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.config import Settings
+from chatbot.context.tokens import TokenCounter
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.errors import AppError, UpstreamError
@@ -30,10 +33,14 @@ class ReplyRunner:
         settings: Settings,
         sessionmaker: async_sessionmaker[AsyncSession],
         llm: LLMClient,
+        counter: TokenCounter,
+        after_reply: Callable[[uuid.UUID], None] | None = None,
     ) -> None:
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._llm = llm
+        self._counter = counter
+        self._after_reply = after_reply
 
     async def run(self, generation: Generation, request: CompletionRequest, started: float) -> None:
         """Runs as a task of its own: no request, and no database session, is held meanwhile."""
@@ -72,18 +79,23 @@ class ReplyRunner:
                 error = AppError(
                     "The service stopped during the reply", code="shutdown", status=503
                 )
-            await self._store(generation, status, error, completion, ttft_ms, started)
+            await self._store(
+                generation, request.model, status, error, completion, ttft_ms, started
+            )
             raise
         except Exception:
             logger.exception("reply %s failed", generation.message_id)
             error = AppError()
         if error is not None and status is MessageStatus.COMPLETED:
             status = MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED
-        await self._store(generation, status, error, completion, ttft_ms, started)
+        await self._store(generation, request.model, status, error, completion, ttft_ms, started)
+        if self._after_reply is not None:
+            self._after_reply(generation.conversation_id)
 
     async def _store(
         self,
         generation: Generation,
+        model: str,
         status: MessageStatus,
         error: AppError | None,
         completion: Completion | None,
@@ -91,8 +103,10 @@ class ReplyRunner:
         started: float,
     ) -> None:
         """Commit the reply once; its row may already be final if it was finished elsewhere."""
+        content = generation.content
         values: dict[str, Any] = {
-            "content": generation.content,
+            "content": content,
+            "token_count": self._counter.count_text(content, model),
             "status": status,
             "latency_ms": elapsed_ms(started),
             "ttft_ms": ttft_ms,

@@ -8,6 +8,7 @@ from chatbot.chat.replies import Replies
 from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
 from chatbot.chat.service import ChatService
 from chatbot.deps import (
+    ContextBuilderDep,
     LLMDep,
     RegistryDep,
     SessionDep,
@@ -33,8 +34,9 @@ def get_chat_service(
     runner: Annotated[ReplyRunner, Depends(get_runner)],
     llm: LLMDep,
     registry: RegistryDep,
+    context: ContextBuilderDep,
 ) -> ChatService:
-    return ChatService(settings, session, runner, llm, registry)
+    return ChatService(settings, session, runner, llm, registry, context)
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]

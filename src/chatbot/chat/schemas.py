@@ -3,7 +3,14 @@ import uuid
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatbot.messages.schemas import MessageOut
-from chatbot.validation import Metadata, ModelName, NonBlankText, SystemPrompt, Title
+from chatbot.validation import (
+    Metadata,
+    ModelName,
+    NonBlankText,
+    ProfileName,
+    SystemPrompt,
+    Title,
+)
 
 # A hard ceiling for the schema; the configured CHATBOT_MAX_MESSAGE_CHARS applies below it.
 _CONTENT_CEILING = 1_000_000
@@ -32,6 +39,7 @@ class ChatRequest(TurnOptions):
     conversation_id: str | None = Field(default=None, max_length=64)
     title: Title | None = None
     system_prompt: SystemPrompt | None = None
+    prompt_profile: ProfileName | None = None
     metadata: Metadata | None = None
 
 

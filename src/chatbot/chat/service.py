@@ -14,6 +14,8 @@ from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.models import IdempotencyKey
 from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOptions
 from chatbot.config import Settings
+from chatbot.context.builder import ContextBuilder
+from chatbot.context.tokens import TOKENS_PER_MESSAGE
 from chatbot.conversations import repository as conversations
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate
@@ -21,7 +23,7 @@ from chatbot.conversations.service import new_conversation
 from chatbot.db import utcnow
 from chatbot.errors import AppError, BadRequest, Conflict, conversation_not_found
 from chatbot.ids import parse_id
-from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient
+from chatbot.llm.client import CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
@@ -71,7 +73,9 @@ class ChatService:
         runner: ReplyRunner,
         llm: LLMClient,
         registry: ReplyRegistry,
+        context: ContextBuilder,
     ) -> None:
+        self._context = context
         self._settings = settings
         self._session = session
         self._runner = runner
@@ -132,6 +136,7 @@ class ChatService:
                 title=body.title,
                 model=body.model,
                 system_prompt=body.system_prompt,
+                prompt_profile=body.prompt_profile,
                 metadata=body.metadata or {},
             ),
         )
@@ -223,13 +228,16 @@ class ChatService:
         request_hash: str,
     ) -> Turn:
         user_seq = conversation.message_count - 1
-        history = await messages.recent(
-            self._session,
-            conversation.id,
-            before_seq=user_seq,
-            limit=self._settings.history_messages,
-        )
         model = options.model or conversation.model or self._settings.model
+        # Raises 413 before anything is stored or sent when the message cannot fit.
+        context = await self._context.plan(
+            self._session,
+            conversation,
+            before_seq=user_seq,
+            new_content=content,
+            model=model,
+            max_output_tokens=options.max_output_tokens,
+        )
         now = utcnow()
         user_message = Message(
             id=uuid.uuid4(),
@@ -237,6 +245,7 @@ class ChatService:
             seq=user_seq,
             role=Role.USER,
             content=content,
+            token_count=context.new_message_tokens - TOKENS_PER_MESSAGE,
             status=MessageStatus.COMPLETED,
             created_at=now,
             completed_at=now,
@@ -249,6 +258,8 @@ class ChatService:
             content="",
             status=MessageStatus.IN_PROGRESS,
             model=self._llm.model_label(model),
+            prompt_token_count=context.total_tokens,
+            prompt_hash=context.prompt_hash,
             created_at=now,
             checkpoint_at=now,
         )
@@ -257,15 +268,7 @@ class ChatService:
             await self._record_key(conversation, key, request_hash, user_message, assistant_id)
         request = CompletionRequest(
             model=model,
-            messages=[
-                ChatMessage("system", conversation.system_prompt or self._settings.system_prompt),
-                *(
-                    ChatMessage(message.role.value, message.content)
-                    for message in history
-                    if message.content and message.role in (Role.USER, Role.ASSISTANT)
-                ),
-                ChatMessage("user", content),
-            ],
+            messages=context.messages,
             temperature=options.temperature,
             max_output_tokens=options.max_output_tokens,
         )

@@ -20,12 +20,19 @@ class Conversation(Base):
     title: Mapped[str | None] = mapped_column(String(500))
     model: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
+    prompt_profile: Mapped[str | None] = mapped_column(String(100))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONVariant, default=dict)
     # Doubles as the source of each message's position: messages are numbered from it,
     # so ordering never depends on clock resolution.
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     # Set while a reply is being generated; a conditional update on it serialises turns.
     active_reply_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # The rolling summary of what fell out of the context: it covers every message whose
+    # position is at most summary_upto_seq.
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_upto_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    summary_token_count: Mapped[int | None] = mapped_column(Integer)
+    summary_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

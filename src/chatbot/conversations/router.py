@@ -4,7 +4,7 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import service
 from chatbot.conversations.deps import OwnedConversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
-from chatbot.deps import RegistryDep, SessionDep
+from chatbot.deps import ProfilesDep, RegistryDep, SessionDep
 from chatbot.pagination import DEFAULT_LIMIT, Cursor, Limit, Page
 from chatbot.streams.registry import StopReason
 
@@ -13,9 +13,9 @@ router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_conversation(
-    body: ConversationCreate, user_id: CurrentUser, session: SessionDep
+    body: ConversationCreate, user_id: CurrentUser, session: SessionDep, profiles: ProfilesDep
 ) -> ConversationOut:
-    return await service.create(session, user_id, body)
+    return await service.create(session, user_id, body, profiles)
 
 
 @router.get("")
@@ -35,9 +35,12 @@ async def get_conversation(conversation: OwnedConversation) -> ConversationOut:
 
 @router.patch("/{conversation_id}")
 async def update_conversation(
-    conversation: OwnedConversation, body: ConversationUpdate, session: SessionDep
+    conversation: OwnedConversation,
+    body: ConversationUpdate,
+    session: SessionDep,
+    profiles: ProfilesDep,
 ) -> ConversationOut:
-    return await service.update(session, conversation, body)
+    return await service.update(session, conversation, body, profiles)
 
 
 @router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT)

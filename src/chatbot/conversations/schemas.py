@@ -5,7 +5,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatbot.conversations.models import Conversation
-from chatbot.validation import Metadata, ModelName, SystemPrompt, Title
+from chatbot.validation import Metadata, ModelName, ProfileName, SystemPrompt, Title
 
 
 class ConversationCreate(BaseModel):
@@ -14,6 +14,7 @@ class ConversationCreate(BaseModel):
     title: Title | None = None
     model: ModelName | None = None
     system_prompt: SystemPrompt | None = None
+    prompt_profile: ProfileName | None = None
     metadata: Metadata = Field(default_factory=dict)
 
 
@@ -25,6 +26,7 @@ class ConversationUpdate(BaseModel):
     title: Title | None = None
     model: ModelName | None = None
     system_prompt: SystemPrompt | None = None
+    prompt_profile: ProfileName | None = None
     metadata: Metadata | None = None
 
 
@@ -33,6 +35,7 @@ class ConversationOut(BaseModel):
     title: str | None
     model: str | None
     system_prompt: str | None
+    prompt_profile: str | None
     metadata: dict[str, Any]
     message_count: int
     created_at: datetime
@@ -46,6 +49,7 @@ class ConversationOut(BaseModel):
             title=conversation.title,
             model=conversation.model,
             system_prompt=conversation.system_prompt,
+            prompt_profile=conversation.prompt_profile,
             metadata=conversation.metadata_ or {},
             message_count=conversation.message_count,
             created_at=conversation.created_at,

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot.context.prompts import PromptProfiles
 from chatbot.conversations import repository
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
@@ -11,7 +12,10 @@ from chatbot.errors import BadRequest, conversation_not_found
 from chatbot.pagination import Page, decode_cursor, encode_cursor
 
 
-async def create(session: AsyncSession, user_id: str, body: ConversationCreate) -> ConversationOut:
+async def create(
+    session: AsyncSession, user_id: str, body: ConversationCreate, profiles: PromptProfiles
+) -> ConversationOut:
+    profiles.check(body.prompt_profile)
     conversation = new_conversation(user_id, body)
     repository.add(session, conversation)
     await session.commit()
@@ -26,6 +30,7 @@ def new_conversation(user_id: str, body: ConversationCreate) -> Conversation:
         title=body.title,
         model=body.model,
         system_prompt=body.system_prompt,
+        prompt_profile=body.prompt_profile,
         metadata_=body.metadata,
         message_count=0,
         created_at=now,
@@ -58,9 +63,13 @@ def _conversation_position(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 async def update(
-    session: AsyncSession, conversation: Conversation, body: ConversationUpdate
+    session: AsyncSession,
+    conversation: Conversation,
+    body: ConversationUpdate,
+    profiles: PromptProfiles,
 ) -> ConversationOut:
     changes = body.model_dump(include=body.model_fields_set)
+    profiles.check(changes.get("prompt_profile"))
     if "metadata" in changes:
         conversation.metadata_ = changes.pop("metadata") or {}
     for field, value in changes.items():

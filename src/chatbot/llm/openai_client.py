@@ -27,7 +27,7 @@ def is_reasoning_model(model: str) -> bool:
 def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": request.model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "messages": [message.to_openai() for message in request.messages],
     }
     if request.max_output_tokens is not None:
         key = "max_completion_tokens" if reasoning else "max_tokens"

@@ -69,5 +69,13 @@ class Message(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONVariant)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    token_count: Mapped[int | None] = mapped_column(Integer)
+    """Tokens of `content` as the conversation's model counts them; computed once, when stored."""
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONVariant)
+    tool_call_id: Mapped[str | None] = mapped_column(String(100))
+    prompt_token_count: Mapped[int | None] = mapped_column(Integer)
+    """For a reply: the tokens of the exact prompt it was generated from."""
+    prompt_hash: Mapped[str | None] = mapped_column(String(64))
+    """For a reply: SHA-256 of that prompt (model and messages, as sent)."""
     # Last time the process generating this reply saved it; a stale one belongs to a dead process.
     checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

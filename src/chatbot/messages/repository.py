@@ -20,19 +20,42 @@ async def list_after(
     )
 
 
-async def recent(
-    session: AsyncSession, conversation_id: uuid.UUID, *, before_seq: int, limit: int
+async def newest_first(
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    *,
+    before_seq: int,
+    after_seq: int,
+    limit: int,
 ) -> list[Message]:
-    """The last `limit` messages before a position, oldest first; reads only that tail."""
-    if limit <= 0:
-        return []
+    """Up to `limit` messages strictly between two positions, newest first, from the index."""
     rows = await session.scalars(
         select(Message)
-        .where(Message.conversation_id == conversation_id, Message.seq < before_seq)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.seq < before_seq,
+            Message.seq > after_seq,
+        )
         .order_by(Message.seq.desc())
         .limit(limit)
     )
-    return list(reversed(list(rows)))
+    return list(rows)
+
+
+async def between(
+    session: AsyncSession, conversation_id: uuid.UUID, *, after_seq: int, before_seq: int
+) -> list[Message]:
+    """The messages strictly between two positions, oldest first."""
+    rows = await session.scalars(
+        select(Message)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.seq > after_seq,
+            Message.seq < before_seq,
+        )
+        .order_by(Message.seq)
+    )
+    return list(rows)
 
 
 async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:

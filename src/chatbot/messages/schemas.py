@@ -25,6 +25,11 @@ class MessageOut(BaseModel):
     ttft_ms: int | None
     finish_reason: str | None
     error: dict[str, Any] | None
+    token_count: int | None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    prompt_token_count: int | None = None
+    prompt_hash: str | None = None
     created_at: datetime
 
     @classmethod
@@ -49,5 +54,10 @@ class MessageOut(BaseModel):
             ttft_ms=message.ttft_ms,
             finish_reason=message.finish_reason,
             error=message.error,
+            token_count=message.token_count,
+            tool_calls=message.tool_calls,
+            tool_call_id=message.tool_call_id,
+            prompt_token_count=message.prompt_token_count,
+            prompt_hash=message.prompt_hash,
             created_at=message.created_at,
         )

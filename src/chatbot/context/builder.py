@@ -1,0 +1,237 @@
+"""What one turn sends the model: system prompt, summary, whole turns newest first, the new message.
+
+The history is read newest first from the (conversation_id, seq) index, one page at a time, and
+only until the budget or the message cap is reached: building a context costs the same at message
+10,000 as at message 10. Each message's token count was computed when it was stored.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot.config import Settings
+from chatbot.context.prompts import PromptProfiles
+from chatbot.context.tokens import REPLY_PRIMING_TOKENS, TokenCounter
+from chatbot.conversations.models import Conversation
+from chatbot.errors import AppError
+from chatbot.llm.client import ChatMessage
+from chatbot.messages import repository as messages
+from chatbot.messages.models import Message, MessageStatus, Role
+
+SUMMARY_PREFIX = "Summary of the earlier part of this conversation:\n"
+DEFAULT_CONTEXT_WINDOW = 8_192
+# Context windows of well-known families, longest prefix first; others get the default.
+_CONTEXT_WINDOWS = (
+    ("gpt-4.1", 1_047_576),
+    ("gpt-5", 400_000),
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-4", 8_192),
+    ("gpt-3.5-turbo", 16_385),
+    ("o1-mini", 128_000),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("gemini", 1_048_576),
+    ("claude", 200_000),
+)
+_PAGE = 64
+
+
+class ContextTooLarge(AppError):
+    status = 413
+    code = "context_too_large"
+
+
+def context_window(model: str) -> int:
+    name = model.rsplit("/", 1)[-1].lower()
+    for prefix, window in _CONTEXT_WINDOWS:
+        if name.startswith(prefix):
+            return window
+    return DEFAULT_CONTEXT_WINDOW
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPlan:
+    model: str
+    encoding: str
+    budget: int
+    system_prompt: str
+    system_source: str
+    system_tokens: int
+    summary: str | None
+    summary_upto_seq: int
+    summary_tokens: int
+    history: list[Message]
+    history_tokens: list[int]
+    new_message_tokens: int
+    messages: list[ChatMessage] = field(repr=False)
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.system_tokens
+            + self.summary_tokens
+            + sum(self.history_tokens)
+            + self.new_message_tokens
+            + REPLY_PRIMING_TOKENS
+        )
+
+    @property
+    def window_start_seq(self) -> int | None:
+        return self.history[0].seq if self.history else None
+
+    @property
+    def prompt_hash(self) -> str:
+        prompt = {"model": self.model, "messages": [m.to_openai() for m in self.messages]}
+        canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _sendable(message: Message) -> bool:
+    if message.status is MessageStatus.IN_PROGRESS:
+        return False
+    return bool(message.content or message.tool_calls)
+
+
+def _as_chat_message(message: Message) -> ChatMessage:
+    return ChatMessage(
+        message.role.value,
+        message.content,
+        tool_calls=message.tool_calls,
+        tool_call_id=message.tool_call_id,
+    )
+
+
+class ContextBuilder:
+    def __init__(self, settings: Settings, counter: TokenCounter, profiles: PromptProfiles) -> None:
+        self._settings = settings
+        self._counter = counter
+        self._profiles = profiles
+
+    def budget(self, model: str, max_output_tokens: int | None) -> int:
+        """CHATBOT_CONTEXT_TOKENS, or the model's window less the reply's room and a margin."""
+        if self._settings.context_tokens is not None:
+            return self._settings.context_tokens
+        window = context_window(model)
+        reply = max_output_tokens or self._settings.reply_reserve_tokens
+        margin = max(64, window // 50)
+        return max(256, window - reply - margin)
+
+    def system_prompt(self, conversation: Conversation) -> tuple[str, str]:
+        """The system prompt and where it comes from: the conversation, a profile, the default."""
+        if conversation.system_prompt:
+            return conversation.system_prompt, "conversation"
+        profile = conversation.prompt_profile or self._profiles.default
+        if profile is not None:
+            return self._profiles.get(profile), f"profile:{profile}"
+        return self._settings.system_prompt, "default"
+
+    def message_tokens(self, message: Message, model: str) -> int:
+        """A stored message's cost in a prompt: its kept count, framing and tool calls."""
+        tokens = message.token_count
+        if tokens is None:
+            tokens = self._counter.count_text(message.content, model)
+        if message.tool_calls:
+            tokens += self._counter.count_text(json.dumps(message.tool_calls), model)
+        return tokens + 4
+
+    def count(self, text: str, model: str) -> int:
+        return self._counter.count_text(text, model)
+
+    async def plan(
+        self,
+        session: AsyncSession,
+        conversation: Conversation,
+        *,
+        before_seq: int,
+        new_content: str | None,
+        model: str,
+        max_output_tokens: int | None = None,
+    ) -> ContextPlan:
+        """The context of a turn whose user message sits at `before_seq`."""
+        budget = self.budget(model, max_output_tokens)
+        system_prompt, system_source = self.system_prompt(conversation)
+        system_tokens = self._counter.count_message(system_prompt, model)
+        summary_text = SUMMARY_PREFIX + conversation.summary if conversation.summary else None
+        summary_tokens = self._counter.count_message(summary_text, model) if summary_text else 0
+        new_tokens = (
+            self._counter.count_message(new_content, model) if new_content is not None else 0
+        )
+        fixed = system_tokens + summary_tokens + new_tokens + REPLY_PRIMING_TOKENS
+        if fixed > budget:
+            raise ContextTooLarge(
+                f"The message needs {fixed} tokens with the system prompt and summary; "
+                f"the context budget of {model} is {budget}"
+            )
+        history, history_tokens = await self._whole_turns(
+            session, conversation, before_seq, model, budget - fixed
+        )
+        chat_messages = [ChatMessage("system", system_prompt)]
+        if summary_text:
+            chat_messages.append(ChatMessage("system", summary_text))
+        chat_messages += [_as_chat_message(message) for message in history]
+        if new_content is not None:
+            chat_messages.append(ChatMessage("user", new_content))
+        return ContextPlan(
+            model=model,
+            encoding=self._counter.encoder_for(model).name,
+            budget=budget,
+            system_prompt=system_prompt,
+            system_source=system_source,
+            system_tokens=system_tokens,
+            summary=conversation.summary,
+            summary_upto_seq=conversation.summary_upto_seq,
+            summary_tokens=summary_tokens,
+            history=history,
+            history_tokens=history_tokens,
+            new_message_tokens=new_tokens,
+            messages=chat_messages,
+        )
+
+    async def _whole_turns(
+        self,
+        session: AsyncSession,
+        conversation: Conversation,
+        before_seq: int,
+        model: str,
+        room: int,
+    ) -> tuple[list[Message], list[int]]:
+        """Whole turns, newest first, while they fit; a turn starts at a user message.
+
+        A turn is never cut in half, so an assistant message that called tools always travels
+        with the tool results that follow it.
+        """
+        cap = self._settings.history_messages
+        selected: list[tuple[Message, int]] = []
+        turn: list[tuple[Message, int]] = []
+        cursor = before_seq
+        while len(selected) < cap:
+            page = await messages.newest_first(
+                session,
+                conversation.id,
+                before_seq=cursor,
+                after_seq=conversation.summary_upto_seq,
+                limit=_PAGE,
+            )
+            for message in page:
+                if _sendable(message):
+                    turn.insert(0, (message, self.message_tokens(message, model)))
+                if message.role is not Role.USER:
+                    continue
+                cost = sum(tokens for _, tokens in turn)
+                if cost > room or len(selected) + len(turn) > cap:
+                    return _split(selected)
+                selected[:0] = turn
+                room -= cost
+                turn = []
+            if len(page) < _PAGE:
+                break
+            cursor = page[-1].seq
+        return _split(selected)
+
+
+def _split(selected: list[tuple[Message, int]]) -> tuple[list[Message], list[int]]:
+    return [message for message, _ in selected], [tokens for _, tokens in selected]

@@ -1,0 +1,220 @@
+"""Chores after a reply is stored: a title for a new conversation, a summary of what fell out.
+
+They run as background tasks with sessions of their own, on the utility model
+(CHATBOT_UTILITY_MODEL), and never hold up or fail a reply. A summary that fails is simply
+tried again after the next reply: the messages it would have covered stay where they are, and
+`summary_upto_seq` only moves once a summary that covers them is stored.
+"""
+
+import asyncio
+import logging
+import uuid
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chatbot.config import Settings
+from chatbot.context.builder import ContextBuilder
+from chatbot.conversations.models import Conversation
+from chatbot.db import utcnow
+from chatbot.errors import UpstreamError
+from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient, TextDelta
+from chatbot.messages import repository as messages
+from chatbot.messages.models import Message, Role
+
+logger = logging.getLogger(__name__)
+
+TITLE_INSTRUCTIONS = (
+    "Name this conversation in at most six words. Reply with the title only: "
+    "no quotes, no trailing punctuation."
+)
+SUMMARY_INSTRUCTIONS = (
+    "You keep a running summary of a conversation between a user and an assistant. Merge the "
+    "earlier summary (if any) and the new messages into one summary of at most {words} words "
+    "that keeps facts, names, numbers, decisions, open questions and the user's preferences. "
+    "Write it in the third person. Reply with the summary only."
+)
+MAX_TITLE_CHARS = 80
+_QUOTES = "\"'`*#\u2018\u2019\u201c\u201d"
+# How much transcript one summarising call reads; more is folded in over several calls.
+SUMMARY_CHUNK_CHARS = 24_000
+
+
+def fallback_title(first_message: str) -> str:
+    """The first message, cut at a word boundary: the title when no model can name it."""
+    words = " ".join(first_message.split())
+    if len(words) <= 60:
+        return words
+    return words[:60].rsplit(" ", 1)[0] + "…"
+
+
+def clean_title(text: str) -> str:
+    title = " ".join(text.split()).strip().strip(_QUOTES).strip()
+    title = title.removeprefix("Title:").strip().rstrip(".")
+    return title[:MAX_TITLE_CHARS]
+
+
+def transcript(rows: list[Message]) -> str:
+    return "\n".join(f"{message.role.value}: {message.content}" for message in rows)
+
+
+def extractive_summary(previous: str | None, rows: list[Message], words: int) -> str:
+    """The offline stand-in for a model: the opening of each message, newest kept."""
+    lines = previous.splitlines() if previous else []
+    for message in rows:
+        text = " ".join(message.content.split())
+        if text:
+            lines.append(f"- {message.role.value}: {text[:160]}")
+    while len(" ".join(lines).split()) > words and len(lines) > 1:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+class Chores:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        context: ContextBuilder,
+        utility: LLMClient | None,
+    ) -> None:
+        self._settings = settings
+        self._sessionmaker = sessionmaker
+        self._context = context
+        self._utility = utility
+        self._utility_model = settings.utility_model or settings.model
+        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    def after_reply(self, conversation_id: uuid.UUID) -> None:
+        """Start the chores of a conversation, unless they are already under way."""
+        if conversation_id in self._running:
+            return
+        task = asyncio.create_task(self.run(conversation_id), name=f"chores-{conversation_id}")
+        self._running[conversation_id] = task
+        task.add_done_callback(lambda _: self._running.pop(conversation_id, None))
+
+    async def run(self, conversation_id: uuid.UUID) -> None:
+        for chore in (self.name, self.summarize):
+            try:
+                await chore(conversation_id)
+            except Exception:
+                logger.exception("%s failed for conversation %s", chore.__name__, conversation_id)
+
+    async def idle(self) -> None:
+        """Wait for the chores under way (tests and shutdown)."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        for task in self._running.values():
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _complete(self, instructions: str, text: str) -> str:
+        assert self._utility is not None
+        request = CompletionRequest(
+            model=self._utility_model,
+            messages=[ChatMessage("system", instructions), ChatMessage("user", text)],
+        )
+        parts = [
+            event.text
+            async for event in self._utility.stream(request)
+            if isinstance(event, TextDelta)
+        ]
+        return "".join(parts).strip()
+
+    async def name(self, conversation_id: uuid.UUID) -> None:
+        """Title a conversation after its first exchange; a title already set is never replaced."""
+        async with self._sessionmaker() as session:
+            conversation = await session.get(Conversation, conversation_id)
+            if conversation is None or conversation.title is not None:
+                return
+            first = await messages.between(session, conversation_id, after_seq=0, before_seq=3)
+        user = next((m for m in first if m.role is Role.USER), None)
+        if user is None:
+            return
+        title = ""
+        reply = next((m.content for m in first if m.role is Role.ASSISTANT and m.content), "")
+        if self._utility is not None and reply:
+            try:
+                title = clean_title(
+                    await self._complete(
+                        TITLE_INSTRUCTIONS,
+                        f"User: {user.content[:2000]}\n\nAssistant: {reply[:2000]}",
+                    )
+                )
+            except UpstreamError as exc:
+                logger.warning("no title from the utility model (%s); using the message", exc.code)
+        async with self._sessionmaker() as session:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, Conversation.title.is_(None))
+                .values(title=title or fallback_title(user.content))
+            )
+            await session.commit()
+
+    async def summarize(self, conversation_id: uuid.UUID) -> None:
+        """Fold the messages that no longer fit the context into the conversation's summary."""
+        while True:
+            async with self._sessionmaker() as session:
+                conversation = await session.get(Conversation, conversation_id)
+                if conversation is None:
+                    return
+                model = conversation.model or self._settings.model
+                plan = await self._context.plan(
+                    session,
+                    conversation,
+                    before_seq=conversation.message_count + 1,
+                    new_content=None,
+                    model=model,
+                )
+                window_start = plan.window_start_seq or conversation.message_count + 1
+                evicted = await messages.between(
+                    session,
+                    conversation_id,
+                    after_seq=conversation.summary_upto_seq,
+                    before_seq=window_start,
+                )
+            evicted = _first_chunk([m for m in evicted if m.role is not Role.SYSTEM])
+            if not evicted:
+                return
+            previous, covered_until = conversation.summary, conversation.summary_upto_seq
+            summary = await self._summary_of(previous, evicted)
+            async with self._sessionmaker() as session:
+                stored = await session.execute(
+                    update(Conversation)
+                    .where(
+                        Conversation.id == conversation_id,
+                        Conversation.summary_upto_seq == covered_until,
+                    )
+                    .values(
+                        summary=summary,
+                        summary_upto_seq=evicted[-1].seq,
+                        summary_token_count=self._context.count(summary, model),
+                        summary_updated_at=utcnow(),
+                    )
+                )
+                await session.commit()
+            if not getattr(stored, "rowcount", 0):
+                return  # somebody else moved the summary on meanwhile
+
+    async def _summary_of(self, previous: str | None, rows: list[Message]) -> str:
+        words = self._settings.summary_words
+        if self._utility is None:
+            return extractive_summary(previous, rows, words)
+        text = f"Earlier summary:\n{previous or '(none)'}\n\nNew messages:\n{transcript(rows)}"
+        summary = await self._complete(SUMMARY_INSTRUCTIONS.format(words=words), text)
+        if not summary:
+            raise UpstreamError("The utility model returned an empty summary", code="empty_reply")
+        return summary
+
+
+def _first_chunk(rows: list[Message]) -> list[Message]:
+    chunk: list[Message] = []
+    size = 0
+    for message in rows:
+        size += len(message.content)
+        if chunk and size > SUMMARY_CHUNK_CHARS:
+            break
+        chunk.append(message)
+    return chunk
