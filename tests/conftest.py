@@ -265,3 +265,12 @@ async def read_events(response: httpx.Response) -> AsyncIterator[Event]:
 
 async def collect_events(response: httpx.Response) -> list[Event]:
     return [event async for event in read_events(response)]
+
+
+async def eventually(condition: Callable[[], object], seconds: float = 5.0) -> None:
+    """Wait, bounded, for a condition that another task will make true."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")

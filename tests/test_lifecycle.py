@@ -5,7 +5,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -15,7 +15,9 @@ from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, create_sessionmaker, utcnow
 from chatbot.messages.models import Message, MessageStatus, Role
-from tests.conftest import Service, collect_events, read_events
+from chatbot.streams.keeper import ReplyKeeper
+from chatbot.streams.registry import Generation, InProcessRegistry, Outcome, StopReason
+from tests.conftest import Service, collect_events, eventually, read_events
 from tests.fake_upstream import Reply
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
@@ -372,3 +374,177 @@ async def test_nul_bytes_from_the_model_are_dropped_not_fatal(service: Service) 
     reply = response.json()["assistant_message"]
     assert reply["content"] == "abc"
     assert reply["model"] == "m" * 200
+
+
+async def test_a_stop_during_the_store_lets_the_store_finish() -> None:
+    registry = InProcessRegistry()
+    generation = Generation(uuid.uuid4(), uuid.uuid4(), "alice")
+    stored = asyncio.Event()
+
+    async def storing() -> None:
+        generation.finishing = True
+        await asyncio.sleep(0.1)  # the final commit
+        stored.set()
+        generation.finish(Outcome(message={"status": "completed"}))
+
+    registry.start(generation, storing())
+    await asyncio.sleep(0.01)
+    assert await registry.stop(generation.message_id, StopReason.CANCELLED) is generation
+    assert (await generation.wait()).message == {"status": "completed"}
+    assert stored.is_set()
+
+
+async def test_a_reply_cancelled_on_another_instance_stops_here(start_service: Any) -> None:
+    async with start_service(checkpoint_seconds=0.05) as service:
+        conversation = await service.create_conversation()
+        gate = asyncio.Event()
+        service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+        body = (
+            await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "sing", "background": True},
+                headers=service.auth(),
+            )
+        ).json()
+        message_id = uuid.UUID(body["assistant_message"]["id"])
+        async with service.client.stream("GET", body["stream_url"]) as response:
+            events = read_events(response)
+            await anext(events)
+            assert (await anext(events)).data == {"content": "Never"}
+            # Another instance's cancel endpoint wrote this.
+            async with _sessions(service)() as session:
+                await session.execute(
+                    update(Message)
+                    .where(Message.id == message_id)
+                    .values(status=MessageStatus.CANCELLED, content="Never")
+                )
+                await session.commit()
+            rest = [event async for event in events]
+        assert rest[-1].event == "done"
+        assert rest[-1].data["assistant_message"]["status"] == "cancelled"
+        for _ in range(50):
+            if service.upstream.disconnects:
+                break
+            await asyncio.sleep(0.02)
+        assert service.upstream.disconnects == 1
+
+
+async def test_a_conversation_deleted_elsewhere_stops_its_reply(start_service: Any) -> None:
+    async with start_service(checkpoint_seconds=0.05) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=TOKENS, gate=asyncio.Event()))
+        pending = asyncio.create_task(
+            service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "sing"},
+                headers=service.auth(),
+            )
+        )
+        await eventually(lambda: service.upstream.requests)
+        async with _sessions(service)() as session:
+            await session.execute(
+                delete(Conversation).where(Conversation.id == uuid.UUID(conversation["id"]))
+            )
+            await session.commit()
+        response = await pending
+        assert response.status_code == 404
+        for _ in range(50):
+            if service.upstream.disconnects:
+                break
+            await asyncio.sleep(0.02)
+        assert service.upstream.disconnects == 1
+
+
+async def test_the_sweep_and_checkpoints_leave_live_and_finishing_replies_alone(
+    service: Service,
+) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+    body = (
+        await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "sing", "background": True},
+            headers=service.auth(),
+        )
+    ).json()
+    message_id = uuid.UUID(body["assistant_message"]["id"])
+    app = service.server.app
+    eager = ReplyKeeper(
+        app.state.sessionmaker, app.state.registry, interval_seconds=1, stale_after_seconds=0.001
+    )
+    await asyncio.sleep(0.05)
+    assert await eager.sweep() == []  # running here, whatever its checkpoint says
+    generation = app.state.registry.get(message_id)
+    assert generation is not None
+    generation.finishing = True  # as during the final store...
+    async with _sessions(service)() as session:  # ...which has already committed
+        await session.execute(
+            update(Message).where(Message.id == message_id).values(status=MessageStatus.COMPLETED)
+        )
+        await session.commit()
+    await eager.checkpoint()
+    assert generation.stop_reason is None
+    generation.finishing = False
+    gate.set()
+    await generation.wait()
+
+
+async def test_resuming_inside_a_token_of_a_live_reply(service: Service) -> None:
+    conversation = await service.create_conversation()
+    gate = asyncio.Event()
+    service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+    body = (
+        await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "sing", "background": True},
+            headers=service.auth(),
+        )
+    ).json()
+    message_id = body["assistant_message"]["id"]
+    await eventually(lambda: service.upstream.requests)
+    await asyncio.sleep(0.05)
+    async with service.client.stream(
+        "GET", f"/v1/messages/{message_id}/stream?starting_after=2", headers=service.auth()
+    ) as response:
+        events = read_events(response)
+        first = await anext(events)
+        assert first.data == {"content": "ver"}
+        assert first.id == f"{message_id}:5"
+        gate.set()
+        rest = [event async for event in events]
+    joined = (
+        "Ne"
+        + first.data["content"]
+        + "".join(event.data["content"] for event in rest if event.event == "delta")
+    )
+    assert joined == "".join(TOKENS)
+
+
+async def test_a_fresh_stream_url_for_an_existing_reply(service: Service) -> None:
+    conversation = await service.create_conversation()
+    body = (
+        await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "hi"},
+            headers=service.auth(),
+        )
+    ).json()
+    message_id = body["assistant_message"]["id"]
+    minted = await service.client.post(
+        f"/v1/messages/{message_id}/stream_url", headers=service.auth()
+    )
+    assert minted.status_code == 200
+    async with service.client.stream("GET", minted.json()["stream_url"]) as response:
+        events = await collect_events(response)
+    assert events[-1].data["assistant_message"]["content"] == "Hello, world!"
+    other = await service.client.post(
+        f"/v1/messages/{message_id}/stream_url", headers=service.auth("mallory")
+    )
+    assert other.status_code == 404
+    blank = await service.client.get(
+        f"/v1/conversations/{conversation['id']}/stream",
+        params={"content": "  "},
+        headers=service.auth(),
+    )
+    assert blank.status_code == 422

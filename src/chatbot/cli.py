@@ -3,9 +3,24 @@
 import argparse
 import asyncio
 import logging
+import re
 import sys
 
 from chatbot.config import ConfigError, Settings
+
+
+class RedactTokens(logging.Filter):
+    """Keep what rides in URLs (tokens, message text) out of the access log."""
+
+    _TOKEN = re.compile(r"((?:access_)?token=|content=)[^&\s]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._TOKEN.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
 
 
 def _serve(settings: Settings) -> None:
@@ -60,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     # Alembic announces each of its plugins at INFO; only the revisions it applies are news.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:

@@ -79,6 +79,7 @@ class ReplyRunner:
                 error = AppError(
                     "The service stopped during the reply", code="shutdown", status=503
                 )
+            generation.finishing = True
             await self._store(
                 generation, request.model, status, error, completion, ttft_ms, started
             )
@@ -88,6 +89,8 @@ class ReplyRunner:
             error = AppError()
         if error is not None and status is MessageStatus.COMPLETED:
             status = MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED
+        # From here on a cancel, a checkpoint or a shutdown must not interrupt the store.
+        generation.finishing = True
         await self._store(generation, request.model, status, error, completion, ttft_ms, started)
         if self._after_reply is not None:
             self._after_reply(generation.conversation_id)

@@ -13,7 +13,7 @@ from chatbot.deps import FollowerDep, RegistryDep, SettingsDep, StreamSignerDep
 from chatbot.errors import PROBLEM_JSON
 from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry, StopReason
-from chatbot.streams.sse import reply_events, start_event, stream_response
+from chatbot.streams.sse import reply_events, start_event, stream_response, stream_url
 
 
 class Replies:
@@ -44,8 +44,7 @@ class Replies:
             conversation_id=turn.conversation_id,
             user_message=turn.user_message,
             assistant_message=turn.assistant_message,
-            stream_url=f"/v1/messages/{message_id}/stream?token="
-            + self._signer.issue(user_id, message_id),
+            stream_url=stream_url(self._signer, user_id, message_id),
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
 
@@ -92,4 +91,4 @@ class Replies:
                 finished = event.event in ("done", "error")
         finally:
             if not finished:
-                self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)
+                await self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)

@@ -14,11 +14,12 @@ from chatbot.deps import (
     SessionDep,
     SettingsDep,
 )
-from chatbot.errors import BadRequest
+from chatbot.errors import BadRequest, conversation_not_found
+from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message
 from chatbot.messages.models import Role
 from chatbot.streams.sse import parse_event_id
-from chatbot.validation import ModelName
+from chatbot.validation import ModelName, NonBlankText
 
 router = APIRouter(tags=["chat"])
 
@@ -109,7 +110,7 @@ async def send_and_stream(
     chat: ChatServiceDep,
     session: SessionDep,
     replies: RepliesDep,
-    content: Annotated[str, Query(max_length=1_000_000)],
+    content: Annotated[NonBlankText, Query(max_length=1_000_000)],
     model: Annotated[ModelName | None, Query()] = None,
     idempotency_key: Annotated[str | None, Query(max_length=255)] = None,
     last_event_id: Annotated[str | None, Header(max_length=100)] = None,
@@ -122,7 +123,10 @@ async def send_and_stream(
     if last_event_id:
         message_id, offset = parse_event_id(last_event_id)
         message = await get_owned_message(session, user_id, str(message_id))
-        if str(message.conversation_id) != conversation_id or message.role is not Role.ASSISTANT:
+        same_conversation = message.conversation_id == parse_id(
+            conversation_id, conversation_not_found()
+        )
+        if not same_conversation or message.role is not Role.ASSISTANT:
             raise BadRequest(
                 "Last-Event-ID belongs to another conversation", code="invalid_event_id"
             )

@@ -49,6 +49,6 @@ async def delete_conversation(
 ) -> Response:
     if conversation.active_reply_id is not None:
         # Nobody is left to read the reply: stop paying for it.
-        registry.stop(conversation.active_reply_id, StopReason.CANCELLED)
+        await registry.stop(conversation.active_reply_id, StopReason.CANCELLED)
     await service.delete(session, conversation.user_id, conversation.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

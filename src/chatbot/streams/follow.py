@@ -65,7 +65,12 @@ class ReplyFollower:
             if message is None:
                 yield Outcome(
                     message={"id": str(message_id)},
-                    problem=problem(404, "The message no longer exists", "message_not_found"),
+                    problem=problem(
+                        404,
+                        "The message no longer exists",
+                        "message_not_found",
+                        assistant_message_id=str(message_id),
+                    ),
                 )
                 return
             if len(message.content) > delivered:

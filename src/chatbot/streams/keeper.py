@@ -13,7 +13,7 @@ import uuid
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import Table, bindparam, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.chat.models import IdempotencyKey
@@ -70,7 +70,7 @@ class ReplyKeeper:
                 logger.exception("reply checkpoint failed; retrying in %gs", self._interval)
 
     async def checkpoint(self) -> None:
-        running = self._registry.running()
+        running = [g for g in self._registry.running() if not g.finishing]
         if not running:
             return
         now = utcnow()
@@ -94,19 +94,26 @@ class ReplyKeeper:
                 .where(Message.id.in_(ids), Message.status == MessageStatus.IN_PROGRESS)
                 .values(checkpoint_at=now)
             )
-            finished_elsewhere = list(
+            still_running = set(
                 await session.scalars(
                     select(Message.id).where(
-                        Message.id.in_(ids), Message.status != MessageStatus.IN_PROGRESS
+                        Message.id.in_(ids), Message.status == MessageStatus.IN_PROGRESS
                     )
                 )
             )
             await session.commit()
+        # Finished elsewhere: cancelled on another instance, swept, or deleted with its
+        # conversation. Replies that started storing themselves meanwhile are left alone.
+        finished_elsewhere = [
+            generation.message_id
+            for generation in running
+            if generation.message_id not in still_running and not generation.finishing
+        ]
         for generation, _, length in snapshots:
             generation.saved_length = length
         for message_id in finished_elsewhere:
             logger.info("reply %s was finished elsewhere; stopping it here", message_id)
-            self._registry.stop(message_id, StopReason.SUPERSEDED)
+            await self._registry.stop(message_id, StopReason.SUPERSEDED)
 
     async def sweep(self) -> list[uuid.UUID]:
         """Store replies a dead process abandoned as `incomplete`; forget old idempotency keys."""
@@ -118,7 +125,11 @@ class ReplyKeeper:
                 for message_id in await session.scalars(
                     select(Message.id).where(
                         Message.status == MessageStatus.IN_PROGRESS,
-                        Message.checkpoint_at < now - self._stale_after,
+                        # Rows from before checkpoints existed have none: stale by definition.
+                        or_(
+                            Message.checkpoint_at < now - self._stale_after,
+                            Message.checkpoint_at.is_(None),
+                        ),
                     )
                 )
                 if message_id not in local

@@ -50,6 +50,8 @@ class Generation:
         self.conversation_id = conversation_id
         self.user_id = user_id
         self.stop_reason: StopReason | None = None
+        self.finishing = False
+        """Set once the reply is being stored: from then on nothing may interrupt it."""
         self.saved_length = 0
         """How much of the content the last checkpoint stored."""
         self._pieces: list[str] = []
@@ -115,8 +117,12 @@ class ReplyRegistry(Protocol):
 
     def running(self) -> list[Generation]: ...
 
-    def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
-        """Stop a running reply; it stores itself with a status that fits the reason."""
+    async def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
+        """Stop a running reply; it stores itself with a status that fits the reason.
+
+        None when the reply does not run here. A reply already being stored is left to
+        finish: its outcome is what the caller gets.
+        """
         ...
 
     async def shutdown(self, grace_seconds: float) -> None: ...
@@ -138,12 +144,12 @@ class InProcessRegistry:
     def running(self) -> list[Generation]:
         return [generation for generation, _ in self._running.values()]
 
-    def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
+    async def stop(self, message_id: uuid.UUID, reason: StopReason) -> Generation | None:
         entry = self._running.get(message_id)
         if entry is None:
             return None
         generation, task = entry
-        if generation.stop_reason is None:
+        if generation.stop_reason is None and not generation.finishing:
             generation.stop_reason = reason
             task.cancel()
         return generation
@@ -161,6 +167,6 @@ class InProcessRegistry:
         if grace_seconds > 0:
             _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
         for message_id in list(self._running):
-            self.stop(message_id, StopReason.SHUTDOWN)
+            await self.stop(message_id, StopReason.SHUTDOWN)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

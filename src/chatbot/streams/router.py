@@ -20,7 +20,13 @@ from chatbot.messages.deps import get_owned_message, preceding_user_message
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
 from chatbot.streams.registry import StopReason
-from chatbot.streams.sse import parse_event_id, reply_events, start_event, stream_response
+from chatbot.streams.sse import (
+    parse_event_id,
+    reply_events,
+    start_event,
+    stream_response,
+    stream_url,
+)
 
 router = APIRouter(prefix="/v1/messages", tags=["streams"])
 
@@ -76,6 +82,17 @@ async def follow_message(
     )
 
 
+@router.post("/{message_id}/stream_url")
+async def new_stream_url(
+    message_id: str, user_id: CurrentUser, session: SessionDep, signer: StreamSignerDep
+) -> dict[str, str]:
+    """A fresh `stream_url` for one of the caller's replies, for `EventSource` after a reload."""
+    message = await get_owned_message(session, user_id, message_id)
+    if message.role is not Role.ASSISTANT:
+        raise BadRequest("Only assistant messages can be followed", code="not_a_reply")
+    return {"stream_url": stream_url(signer, user_id, message.id)}
+
+
 @router.post("/{message_id}/cancel")
 async def cancel_message(
     message_id: str,
@@ -88,7 +105,7 @@ async def cancel_message(
     message = await get_owned_message(session, user_id, message_id)
     if (
         message.status is MessageStatus.IN_PROGRESS
-        and registry.stop(message.id, StopReason.CANCELLED) is None
+        and await registry.stop(message.id, StopReason.CANCELLED) is None
     ):
         # Not running here: stored as cancelled with its last checkpoint, and the process that
         # runs it (if any) stops it at its next checkpoint.

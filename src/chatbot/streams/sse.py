@@ -8,6 +8,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.errors import BadRequest
 from chatbot.streams.registry import Delta, Outcome
@@ -82,3 +83,8 @@ def stream_response(
         ping_message_factory=_ping,
         send_timeout=settings.sse_send_timeout,
     )
+
+
+def stream_url(signer: StreamTokenSigner, user_id: str, message_id: uuid.UUID) -> str:
+    """The relative URL a browser opens with `new EventSource(...)` to follow a reply."""
+    return f"/v1/messages/{message_id}/stream?token={signer.issue(user_id, message_id)}"

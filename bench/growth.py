@@ -1,0 +1,189 @@
+"""Growth: the server-side time of a chat turn at 10 and at 10,000 stored messages.
+
+The service runs as its own process (`chatbot serve`) against an instant fake upstream, on SQLite
+or PostgreSQL. Two conversations are seeded, one short and one long; the long one has the rolling
+summary a conversation of that length would have (everything but its last 60 messages), as in
+steady state. Turns then alternate between them (short, long, short, long...) so that noise on a
+shared machine hits both alike, and the medians are compared.
+
+    python bench/growth.py --database sqlite --turns 200
+    python bench/growth.py --database postgresql://postgres@127.0.0.1:5432/postgres
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fake_upstream import UTILITY_MODEL, FakeUpstream, Reply  # noqa: E402
+
+from chatbot.conversations.models import Conversation  # noqa: E402
+from chatbot.db import create_engine, create_sessionmaker, migrate, utcnow  # noqa: E402
+from chatbot.messages.models import Message, MessageStatus, Role  # noqa: E402
+
+REPLY = [" word"] * 20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _database(target: str, workdir: Path) -> str:
+    if target == "sqlite":
+        return f"sqlite+aiosqlite:///{workdir}/bench.db"
+    dsn = target.replace("postgresql+asyncpg://", "postgresql://")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute('DROP DATABASE IF EXISTS "chatbot_bench" WITH (FORCE)')
+        await connection.execute('CREATE DATABASE "chatbot_bench"')
+    finally:
+        await connection.close()
+    base = dsn.rsplit("/", 1)[0]
+    return base.replace("postgresql://", "postgresql+asyncpg://", 1) + "/chatbot_bench"
+
+
+async def _seed(database_url: str, sizes: list[int]) -> list[str]:
+    engine = create_engine(database_url)
+    await migrate(engine)
+    sessionmaker = create_sessionmaker(engine)
+    ids = []
+    for size in sizes:
+        conversation_id = uuid.uuid4()
+        now = utcnow()
+        covered = max(0, size - 60)
+        async with sessionmaker() as session:
+            session.add(
+                Conversation(
+                    id=conversation_id,
+                    user_id="local",
+                    title=f"{size} messages",
+                    metadata_={},
+                    message_count=size,
+                    summary="The user and the assistant talked at length." if covered else None,
+                    summary_upto_seq=covered,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await session.flush()
+            for start in range(1, size + 1, 2000):
+                session.add_all(
+                    Message(
+                        conversation_id=conversation_id,
+                        seq=seq,
+                        role=Role.USER if seq % 2 else Role.ASSISTANT,
+                        content=f"message number {seq} of a long conversation",
+                        token_count=9,
+                        status=MessageStatus.COMPLETED,
+                        created_at=now,
+                    )
+                    for seq in range(start, min(size, start + 1999) + 1)
+                )
+                await session.flush()
+            await session.commit()
+        ids.append(str(conversation_id))
+    await engine.dispose()
+    return ids
+
+
+async def _wait_ready(client: httpx.AsyncClient) -> None:
+    for _ in range(300):
+        try:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the service did not start")
+
+
+async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as workdir:
+        database_url = await _database(database, Path(workdir))
+        conversation_ids = await _seed(database_url, sizes)
+        upstream = await FakeUpstream(Reply(tokens=REPLY)).start()
+        upstream.utility_default = Reply(tokens=["A", " summary."])
+        port = _free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "CHATBOT_AUTO_MIGRATE": "false",
+            "OPENAI_BASE_URL": upstream.base_url,
+            "OPENAI_API_KEY": "bench",
+            "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
+            "CHATBOT_PORT": str(port),
+            "CHATBOT_LOG_LEVEL": "WARNING",
+            "CHATBOT_AUTH": "none",
+        }
+        # Started once, before anything is timed.
+        server = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "chatbot", "serve"], env=env, cwd=ROOT
+        )
+        timings: dict[int, list[float]] = {size: [] for size in sizes}
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                await _wait_ready(client)
+                for round_number in range(turns + 20):
+                    for size, conversation_id in zip(sizes, conversation_ids, strict=True):
+                        started = time.perf_counter()
+                        response = await client.post(
+                            f"/v1/conversations/{conversation_id}/messages",
+                            json={"content": f"turn {round_number}"},
+                        )
+                        elapsed = (time.perf_counter() - started) * 1000
+                        response.raise_for_status()
+                        if round_number >= 20:  # the first rounds warm up caches and pools
+                            timings[size].append(elapsed)
+                        await asyncio.sleep(0.005)  # let the chores of the turn run
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            await upstream.stop()
+    medians = {size: statistics.median(values) for size, values in timings.items()}
+    return {
+        "database": "sqlite" if database == "sqlite" else "postgresql",
+        "turns": turns,
+        "median_ms": {str(size): round(value, 2) for size, value in medians.items()},
+        "p95_ms": {
+            str(size): round(statistics.quantiles(values, n=20)[18], 2)
+            for size, values in timings.items()
+        },
+        "ratio": round(medians[sizes[-1]] / medians[sizes[0]], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--database", default="sqlite", help="'sqlite' or a PostgreSQL URL")
+    parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--sizes", default="10,10000")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    result = asyncio.run(run(args.database, args.turns, sizes))
+    print(json.dumps(result, indent=2))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
