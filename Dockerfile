@@ -9,6 +9,7 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY src ./src
+COPY prompts ./prompts
 RUN pip install . && useradd --system --uid 10001 chatbot
 USER chatbot
 

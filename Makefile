@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format migrate clean
+.PHONY: install run test lint format migrate bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Benchmarks (not part of `make test`): results land in bench/results/.
+BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+bench: install
+	$(BIN)/python bench/growth.py --database sqlite --output bench/results/growth-sqlite.json
+	$(BIN)/python bench/growth.py --database $(BENCH_DATABASE_URL) --output bench/results/growth-postgresql.json
 
 migrate: install
 	$(BIN)/chatbot migrate

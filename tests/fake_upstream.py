@@ -91,8 +91,8 @@ class FakeUpstream:
         try:
             while await self._one_request(reader, writer):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or stop() ended this connection
         finally:
             self.open_connections -= 1
             self._handlers.discard(task)
