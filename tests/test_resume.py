@@ -1,6 +1,7 @@
 """Replies that survive the network: resume, follow, background, EventSource, idempotency."""
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -329,3 +330,38 @@ async def test_pings_keep_a_silent_stream_alive(start_service: Any) -> None:
             lines = [line async for line in response.aiter_lines()]
         assert lines.count(": ping") >= 3
         assert any(line == "event: done" for line in lines)
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_the_reply_goes_on(
+    start_service: Any,
+) -> None:
+    async with start_service(sse_send_timeout=0.5) as service:
+        conversation = await service.create_conversation()
+        big = ["lorem ipsum " * 5_461] * 200  # ~13 MB of reply: far more than socket buffers hold
+        service.upstream.queue(Reply(tokens=big))
+        host, port = service.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"content": "flood me"}).encode()
+        token = service.auth()["Authorization"]
+        writer.write(
+            f"POST /v1/conversations/{conversation['id']}/messages?stream=true HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        # Read nothing while the reply is generated and stored.
+        for _ in range(200):
+            messages = await service.messages(conversation["id"])
+            if messages and messages[-1]["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert messages[-1]["status"] == "completed"
+        assert len(messages[-1]["content"]) == len("".join(big))
+        await asyncio.sleep(1.0)  # past the send timeout
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+        writer.close()
+        # The service gave up on this client: it never sent the whole reply.
+        assert received < len("".join(big))
