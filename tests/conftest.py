@@ -83,7 +83,7 @@ async def database_url(
         pytest.skip("TEST_DATABASE_URL is not set")
     connection = await asyncpg.connect(_asyncpg_dsn(postgres_url))
     try:
-        await connection.execute("TRUNCATE conversations, messages, idempotency_keys")
+        await connection.execute("TRUNCATE conversations, messages, idempotency_keys, daily_usage")
     finally:
         await connection.close()
     return postgres_url
@@ -116,6 +116,7 @@ def make_settings(database_url: str, upstream: FakeUpstream) -> Callable[..., Se
             "jwt_secret": JWT_SECRET,
             "model": "gpt-4o-mini",
             "utility_model": UTILITY_MODEL,
+            "rate_limit": "10000/minute",
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

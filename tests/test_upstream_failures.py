@@ -51,7 +51,8 @@ async def test_failure_before_any_content_stores_a_failed_reply(
     service: Service, reply: Reply, status: int, code: str
 ) -> None:
     conversation = await service.create_conversation()
-    service.upstream.queue(reply)
+    # An empty reply is asked for twice before it counts as failed.
+    service.upstream.queue(*([reply, reply] if not reply.tokens else [reply]))
     response = await _send_json(service, conversation["id"])
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
@@ -183,4 +184,24 @@ async def test_retries_before_the_first_token_are_invisible(start_service: Any) 
         response = await _send_json(service, conversation["id"])
         assert response.status_code == 201
         assert response.json()["assistant_message"]["content"] == "Hello, world!"
+        assert len(service.upstream.requests) == 2
+
+
+async def test_one_empty_reply_is_retried_once(service: Service) -> None:
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(tokens=[]), Reply(tokens=["Second", " try"]))
+    response = await _send_json(service, conversation["id"])
+    assert response.status_code == 201
+    assert response.json()["assistant_message"]["content"] == "Second try"
+    assert len(service.upstream.requests) == 2
+
+
+async def test_a_429_with_retry_after_is_retried_before_the_first_token(
+    start_service: Any,
+) -> None:
+    async with start_service(upstream_max_retries=2) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(status=429, headers={"Retry-After": "1"}), Reply())
+        response = await _send_json(service, conversation["id"])
+        assert response.status_code == 201
         assert len(service.upstream.requests) == 2

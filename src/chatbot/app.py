@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from chatbot import health
 from chatbot.auth.stream_tokens import StreamTokenSigner
@@ -24,7 +25,8 @@ from chatbot.llm.client import LLMClient
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
 from chatbot.messages.router import router as messages_router
-from chatbot.middleware import RequestIdMiddleware
+from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from chatbot.quotas.service import RequestRateLimiter
 from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.keeper import ReplyKeeper
 from chatbot.streams.registry import InProcessRegistry
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             await migrate(engine)
         sessionmaker = create_sessionmaker(engine)
         registry = InProcessRegistry()
+        rate_limiter = RequestRateLimiter(settings)
         model = llm or build_llm(settings)
         counter = TokenCounter()
         # Load the default model's vocabulary now, not on the first request.
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         )
         app.state.follower = ReplyFollower(sessionmaker, registry, settings.checkpoint_seconds)
         app.state.stream_signer = StreamTokenSigner.from_settings(settings)
+        app.state.rate_limiter = rate_limiter
         keeper_task = asyncio.create_task(keeper.run(), name="reply-keeper")
         logger.info("authentication: %s", settings.auth_mode)
         try:
@@ -111,15 +115,35 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             keeper_task.cancel()
             await asyncio.gather(keeper_task, return_exceptions=True)
             await model.aclose()
+            await rate_limiter.aclose()
             await engine.dispose()
 
     app = FastAPI(
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
         title="chatbot",
         version="0.1.0",
         summary="Persistent conversations with any OpenAI-compatible model, streamed over SSE.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "X-Request-ID",
+                "Last-Event-ID",
+            ],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(conversations_router)

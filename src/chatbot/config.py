@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     prompt_profile: str | None = None
     summary_words: int = Field(default=250, ge=20)
 
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "CHATBOT_REDIS_URL")
+    )
+    rate_limit: str = "120/minute"
+    max_concurrent_replies: int = Field(default=4, ge=1)
+    daily_token_quota: int | None = Field(default=None, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    cors_origins: list[str] = Field(default_factory=list)
+    docs: bool = True
+
     max_message_chars: int = Field(default=32_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     history_messages: int = Field(default=50, ge=0)
@@ -99,7 +109,12 @@ class Settings(BaseSettings):
         return normalize_database_url(value)
 
     @field_validator(
-        "openai_base_url", "jwt_audience", "jwt_issuer", "utility_model", "prompt_profile"
+        "openai_base_url",
+        "jwt_audience",
+        "jwt_issuer",
+        "utility_model",
+        "prompt_profile",
+        "redis_url",
     )
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:

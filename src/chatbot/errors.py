@@ -159,8 +159,27 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     raise exc
 
 
+async def _too_deep(_: Request, exc: Exception) -> JSONResponse:
+    return problem_response(400, "The request body is nested too deeply", "invalid_body")
+
+
+async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
+    # Raised by database drivers that cannot connect (before SQLAlchemy wraps anything).
+    logger.warning(
+        "connection failed on %s %s: %s", request.method, request.url.path, type(exc).__name__
+    )
+    return problem_response(
+        503,
+        "The database is not reachable; try again shortly",
+        "database_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(RecursionError, _too_deep)
+    app.add_exception_handler(OSError, _connection_error)

@@ -13,6 +13,11 @@ from chatbot.errors import PROBLEM_JSON, problem
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
 _ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -40,7 +45,10 @@ class RequestIdMiddleware:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
             await send(message)
 
         try:
@@ -61,3 +69,68 @@ class RequestIdMiddleware:
                 }
             )
             await send_with_id({"type": "http.response.body", "body": body})
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over a size, declared or streamed, with 413."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        received = 0
+        too_large = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Stop reading; whatever the app answers is replaced by the 413 below.
+                    too_large = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def checked_send(message: Message) -> None:
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await self._drain(receive)
+                await self._refuse(send)
+
+        await self.app(scope, counted_receive, checked_send)
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read (and drop) a bounded rest of the body, so the client gets to read the 413."""
+        drained = 0
+        while drained < 8 * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            drained += len(message.get("body", b""))
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps(
+            problem(413, f"The request body is over {self.max_bytes} bytes", "payload_too_large")
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", PROBLEM_JSON.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

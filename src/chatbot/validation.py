@@ -6,11 +6,17 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, StringConstraints
 
 MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 8
 
 
 def _no_nul(value: str) -> str:
+    """Text PostgreSQL can store: no NUL, and no lone surrogates (not encodable as UTF-8)."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -32,7 +38,17 @@ def _json_without_nul(value: Any) -> None:
             _json_without_nul(item)
 
 
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(f"must be nested at most {MAX_METADATA_DEPTH} levels deep")
     _json_without_nul(value)
     if len(json.dumps(value, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")

@@ -6,13 +6,27 @@ from chatbot.auth.tokens import MAX_USER_ID_LENGTH, verify_token
 from chatbot.config import is_loopback_host
 from chatbot.deps import SettingsDep
 from chatbot.errors import BadRequest, Unauthorized
+from chatbot.quotas.service import RequestRateLimiter
 
 LOCAL_USER = "local"
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def current_user(request: Request, settings: SettingsDep) -> str:
+async def admit(request: Request, user_id: str) -> None:
+    """Count the request against the caller's rate limit (429 past it)."""
+    limiter: RequestRateLimiter = request.app.state.rate_limiter
+    await limiter.admit(user_id)
+
+
+async def current_user(request: Request, settings: SettingsDep) -> str:
+    """The caller, from a Bearer JWT (or, locally, X-User-Id), once admitted by the rate limit."""
+    user_id = identify(request, settings)
+    await admit(request, user_id)
+    return user_id
+
+
+def identify(request: Request, settings: SettingsDep) -> str:
     if settings.auth_mode == "none":
         # Defence in depth: even if the process was started some other way, an
         # unauthenticated service answers only on loopback.
@@ -45,13 +59,15 @@ AccessTokenQuery = Annotated[
 ]
 
 
-def streaming_user(
+async def streaming_user(
     request: Request, settings: SettingsDep, access_token: AccessTokenQuery = None
 ) -> str:
     """`current_user`, also accepting `?access_token=` on the GET routes EventSource opens."""
     if access_token and settings.auth_mode == "jwt" and "authorization" not in request.headers:
-        return verify_token(settings, access_token)
-    return current_user(request, settings)
+        user_id = verify_token(settings, access_token)
+        await admit(request, user_id)
+        return user_id
+    return await current_user(request, settings)
 
 
 StreamingUser = Annotated[str, Depends(streaming_user)]

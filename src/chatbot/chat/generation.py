@@ -17,6 +17,7 @@ from chatbot.errors import AppError, UpstreamError
 from chatbot.llm.client import Completion, CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
 from chatbot.messages.models import MessageStatus
+from chatbot.quotas import service as quotas
 from chatbot.streams.follow import outcome_of
 from chatbot.streams.registry import Generation, Outcome, StopReason
 
@@ -50,14 +51,19 @@ class ReplyRunner:
         status = MessageStatus.COMPLETED
         try:
             async with asyncio.timeout(self._settings.request_timeout):
-                async for event in self._llm.stream(request):
-                    if isinstance(event, Completion):
-                        completion = event
-                    elif text := event.text.replace("\x00", ""):
-                        # PostgreSQL cannot store NUL in text; nobody can read it either.
-                        if ttft_ms is None:
-                            ttft_ms = elapsed_ms(started)
-                        generation.append(text)
+                # An empty reply is asked for once more: nothing reached the client yet.
+                for attempt in range(2):
+                    async for event in self._llm.stream(request):
+                        if isinstance(event, Completion):
+                            completion = event
+                        elif text := event.text.replace("\x00", ""):
+                            # PostgreSQL cannot store NUL in text; nobody can read it either.
+                            if ttft_ms is None:
+                                ttft_ms = elapsed_ms(started)
+                            generation.append(text)
+                    if generation.length or attempt:
+                        break
+                    logger.info("reply %s came back empty; retrying once", generation.message_id)
             if not generation.length:
                 status = MessageStatus.FAILED
                 error = UpstreamError("The model returned an empty reply", code="empty_reply")
@@ -144,6 +150,11 @@ class ReplyRunner:
                 await messages.finish(session, generation.message_id, values)
                 await conversations.release_reply(
                     session, generation.conversation_id, generation.message_id
+                )
+                await quotas.record_usage(
+                    session,
+                    generation.user_id,
+                    values.get("total_tokens") or values["token_count"],
                 )
                 await session.commit()
             return None

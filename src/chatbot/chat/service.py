@@ -27,6 +27,7 @@ from chatbot.llm.client import CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
+from chatbot.quotas import service as quotas
 from chatbot.streams.keeper import IDEMPOTENCY_WINDOW
 from chatbot.streams.registry import Generation, ReplyRegistry
 
@@ -237,6 +238,9 @@ class ChatService:
             new_content=content,
             model=model,
             max_output_tokens=options.max_output_tokens,
+        )
+        await quotas.check_turn(
+            self._session, self._settings, conversation.user_id, context.total_tokens
         )
         now = utcnow()
         user_message = Message(

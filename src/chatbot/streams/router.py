@@ -4,7 +4,7 @@ from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import update
 from sse_starlette import EventSourceResponse
 
-from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
+from chatbot.auth.deps import AccessTokenQuery, CurrentUser, admit, streaming_user
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.deps import (
@@ -59,8 +59,9 @@ async def follow_message(
     """Replay what the reply has so far, then stream the rest live, then `done` or `error`."""
     if token is not None:
         user_id = signer.verify(token, parse_id(message_id, message_not_found()))
+        await admit(request, user_id)
     else:
-        user_id = streaming_user(request, settings, access_token)
+        user_id = await streaming_user(request, settings, access_token)
     message = await get_owned_message(session, user_id, message_id)
     if message.role is not Role.ASSISTANT:
         raise BadRequest("Only assistant messages can be followed", code="not_a_reply")

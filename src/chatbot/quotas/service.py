@@ -1,0 +1,128 @@
+"""Per-user limits: request rate (via `limits`), concurrent replies, and daily tokens.
+
+The request rate is counted in memory by default and in Redis when REDIS_URL is set, so the limit
+holds across instances; concurrent replies and daily tokens are counted in the database, which every
+instance shares anyway.
+"""
+
+import logging
+import math
+import time
+from datetime import UTC, date, datetime, timedelta
+
+from limits import RateLimitItem, parse, storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot.config import Settings
+from chatbot.conversations.models import Conversation
+from chatbot.errors import AppError
+from chatbot.messages.models import Message, MessageStatus
+from chatbot.quotas.models import DailyUsage
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyRequests(AppError):
+    status = 429
+    code = "rate_limited"
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+class RequestRateLimiter:
+    def __init__(self, settings: Settings) -> None:
+        self._item: RateLimitItem | None = (
+            parse(settings.rate_limit) if settings.rate_limit else None
+        )
+        uri = "async+memory://"
+        options = {}
+        if settings.redis_url:
+            uri = "async+" + settings.redis_url
+            options["implementation"] = "redispy"
+        self._storage = storage.storage_from_string(uri, **options)
+        self._limiter = MovingWindowRateLimiter(self._storage)
+
+    async def admit(self, user_id: str) -> None:
+        """Count a request; 429 with Retry-After past the limit. Fails open if Redis is down."""
+        if self._item is None:
+            return
+        try:
+            if await self._limiter.hit(self._item, "requests", user_id):
+                return
+            stats = await self._limiter.get_window_stats(self._item, "requests", user_id)
+        except Exception:
+            logger.warning("rate limit storage unavailable; admitting the request", exc_info=True)
+            return
+        raise TooManyRequests(
+            f"Too many requests: the limit is {self._item}",
+            headers=_retry_after(stats.reset_time - time.time()),
+        )
+
+    async def aclose(self) -> None:
+        # limits offers no close(); its Redis bridge keeps the redis-py client as `storage`.
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        if client is not None and hasattr(client, "aclose"):
+            await client.aclose()
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()
+
+
+def _until_midnight() -> float:
+    now = datetime.now(UTC)
+    tomorrow = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return (tomorrow - now).total_seconds()
+
+
+async def check_turn(
+    session: AsyncSession, settings: Settings, user_id: str, prompt_tokens: int
+) -> None:
+    """Before a reply starts: a free slot among the user's concurrent replies, and quota left."""
+    running = await session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.user_id == user_id, Message.status == MessageStatus.IN_PROGRESS)
+    )
+    if running and running >= settings.max_concurrent_replies:
+        raise TooManyRequests(
+            f"At most {settings.max_concurrent_replies} replies may run at once",
+            code="too_many_replies",
+            headers=_retry_after(1),
+        )
+    quota = settings.daily_token_quota
+    if quota is None:
+        return
+    used = await session.scalar(
+        select(DailyUsage.total_tokens).where(
+            DailyUsage.user_id == user_id, DailyUsage.day == _today()
+        )
+    )
+    if (used or 0) + prompt_tokens > quota:
+        raise TooManyRequests(
+            f"The daily quota of {quota} tokens is used up ({used or 0} so far today)",
+            code="quota_exceeded",
+            headers=_retry_after(_until_midnight()),
+        )
+
+
+async def record_usage(session: AsyncSession, user_id: str, tokens: int) -> None:
+    """Add a reply's tokens to the user's day, in the caller's transaction."""
+    if tokens <= 0:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(DailyUsage).values(user_id=user_id, day=_today(), total_tokens=tokens)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[DailyUsage.user_id, DailyUsage.day],
+            set_={"total_tokens": DailyUsage.total_tokens + tokens},
+        )
+    )

@@ -1,0 +1,405 @@
+"""Safe to expose: isolation walked over the whole schema, limits and quotas, hostile input."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as redis_client
+
+from chatbot.cli import RedactTokens
+from tests.conftest import Service, eventually
+from tests.fake_upstream import Reply
+
+PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/v1/conversations"): {"title": "x"},
+    ("PATCH", "/v1/conversations/{conversation_id}"): {"title": "stolen"},
+    ("POST", "/v1/conversations/{conversation_id}/messages"): {"content": "hi"},
+    ("POST", "/v1/chat"): {"message": "hi"},
+}
+QUERIES: dict[tuple[str, str], dict[str, str]] = {
+    ("GET", "/v1/conversations/{conversation_id}/stream"): {"content": "hi"},
+}
+
+
+async def _alice_ids(service: Service) -> dict[str, str]:
+    conversation = await service.create_conversation("alice", title="private")
+    response = await service.client.post(
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "my secret"},
+        headers=service.auth("alice"),
+    )
+    return {
+        "conversation_id": conversation["id"],
+        "message_id": response.json()["assistant_message"]["id"],
+    }
+
+
+def _operations(schema: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (method.upper(), path)
+        for path, item in schema["paths"].items()
+        for method in item
+        if method in ("get", "post", "patch", "put", "delete")
+    ]
+
+
+async def test_every_route_in_the_schema_hides_other_users_data(service: Service) -> None:
+    ids = await _alice_ids(service)
+    schema = (await service.client.get("/openapi.json")).json()
+    operations = _operations(schema)
+    assert len(operations) >= 15
+    requests_before = len(service.upstream.requests)
+    for method, path in operations:
+        if (method, path) in PUBLIC:
+            continue
+        url = path.format(**ids)
+        kwargs: dict[str, Any] = {"params": QUERIES.get((method, path), {})}
+        if (method, path) in BODIES:
+            kwargs["json"] = BODIES[(method, path)]
+        anonymous = await service.client.request(method, url, **kwargs)
+        assert anonymous.status_code == 401, (method, path, anonymous.text)
+        response = await service.client.request(
+            method, url, headers=service.auth("mallory"), **kwargs
+        )
+        if "{" in path:
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json()["code"].endswith("_not_found")
+        else:
+            assert response.status_code < 500, (method, path)
+            assert ids["conversation_id"] not in response.text
+    # Mallory's calls never reached Alice's conversation or sent her messages anywhere.
+    assert all(
+        "my secret" not in json.dumps(request.body)
+        for request in service.upstream.requests[requests_before:]
+    )
+    alice = await service.messages(ids["conversation_id"], "alice")
+    assert alice[0]["content"] == "my secret"
+    assert len(alice) == 2
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"user_id": "mallory"}, {"role": "system"}, {"status": "completed"}, {"usage": {}}],
+    ids=["owner", "role", "status", "usage"],
+)
+async def test_request_bodies_cannot_set_server_owned_fields(
+    service: Service, field: dict[str, Any]
+) -> None:
+    conversation = await service.create_conversation()
+    for url, body in (
+        ("/v1/conversations", {"title": "x"}),
+        (f"/v1/conversations/{conversation['id']}/messages", {"content": "hi"}),
+        ("/v1/chat", {"message": "hi"}),
+    ):
+        response = await service.client.post(url, json=body | field, headers=service.auth())
+        assert response.status_code == 422, (url, response.text)
+    patch = await service.client.patch(
+        f"/v1/conversations/{conversation['id']}", json=field, headers=service.auth()
+    )
+    assert patch.status_code == 422
+
+
+async def test_request_rate_is_limited_per_user(start_service: Any) -> None:
+    async with start_service(rate_limit="3/minute") as service:
+        for _ in range(3):
+            ok = await service.client.get("/v1/conversations", headers=service.auth("alice"))
+            assert ok.status_code == 200
+        limited = await service.client.get("/v1/conversations", headers=service.auth("alice"))
+        assert limited.status_code == 429
+        assert limited.json()["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        other = await service.client.get("/v1/conversations", headers=service.auth("bob"))
+        assert other.status_code == 200
+        assert (await service.client.get("/healthz")).status_code == 200
+
+
+async def _redis_available() -> bool:
+    client = redis_client.Redis(host="127.0.0.1", port=6379)
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_the_rate_limit_holds_across_instances_with_redis(start_service: Any) -> None:
+    if not await _redis_available():
+        if os.environ.get("CHATBOT_REQUIRE_POSTGRES"):
+            pytest.fail("Redis is required in CI")
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    user = f"user-{uuid.uuid4()}"
+    settings = {"rate_limit": "4/minute", "redis_url": "redis://127.0.0.1:6379/0"}
+    async with start_service(**settings) as first, start_service(**settings) as second:
+        statuses = []
+        for instance in (first, second, first, second, first, second):
+            response = await instance.client.get("/v1/conversations", headers=first.auth(user))
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+async def test_concurrent_replies_are_capped_per_user(start_service: Any) -> None:
+    async with start_service(max_concurrent_replies=2) as service:
+        gate = asyncio.Event()
+        service.upstream.default = Reply(gate=gate)
+        conversations = [await service.create_conversation() for _ in range(3)]
+        for conversation in conversations[:2]:
+            started = await service.client.post(
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "hold", "background": True},
+                headers=service.auth(),
+            )
+            assert started.status_code == 202
+        third = await service.client.post(
+            f"/v1/conversations/{conversations[2]['id']}/messages",
+            json={"content": "one too many"},
+            headers=service.auth(),
+        )
+        assert third.status_code == 429
+        assert third.json()["code"] == "too_many_replies"
+        assert third.headers["retry-after"]
+        assert await service.messages(conversations[2]["id"]) == []
+        other_user = await service.create_conversation("bob")
+        bob = await service.client.post(
+            f"/v1/conversations/{other_user['id']}/messages",
+            json={"content": "mine", "background": True},
+            headers=service.auth("bob"),
+        )
+        assert bob.status_code == 202
+        gate.set()
+
+
+async def test_the_daily_token_quota_is_checked_before_the_model_is_called(
+    start_service: Any,
+) -> None:
+    async with start_service(daily_token_quota=60) as service:
+        conversation = await service.create_conversation()
+        url = f"/v1/conversations/{conversation['id']}/messages"
+        first = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+        assert first.status_code == 201  # the fake upstream reports 15 tokens of usage
+        second = await service.client.post(
+            url, json={"content": "word " * 30}, headers=service.auth()
+        )
+        assert second.status_code == 429
+        assert second.json()["code"] == "quota_exceeded"
+        assert int(second.headers["retry-after"]) <= 86_400
+        assert len(service.upstream.requests) == 1
+        assert len(await service.messages(conversation["id"])) == 2
+
+
+async def test_bodies_over_the_limit_are_413(start_service: Any) -> None:
+    async with start_service(max_body_bytes=4096) as service:
+        declared = await service.client.post(
+            "/v1/conversations", json={"title": "x" * 10_000}, headers=service.auth()
+        )
+        assert declared.status_code == 413
+        assert declared.json()["code"] == "payload_too_large"
+
+        async def chunks() -> Any:
+            for _ in range(10):
+                yield b" " * 1000
+            yield b"{}"
+
+        streamed = await service.client.post(
+            "/v1/conversations",
+            content=chunks(),
+            headers={**service.auth(), "Content-Type": "application/json"},
+        )
+        assert streamed.status_code == 413
+
+
+async def _raw_post(service: Service, body: bytes, content_type: str) -> httpx.Response:
+    return await service.client.post(
+        "/v1/conversations",
+        content=body,
+        headers={**service.auth(), "Content-Type": content_type},
+    )
+
+
+HOSTILE: dict[str, tuple[bytes, str]] = {
+    "invalid UTF-8": (b'{"title": "\xff\xfe bad"}', "application/json"),
+    "lone surrogate": (b'{"title": "\\ud800"}', "application/json"),
+    "deep nesting": (
+        b'{"metadata": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+        "application/json",
+    ),
+    "nested metadata": (
+        json.dumps({"metadata": {"a": [[[[[[[[[[1]]]]]]]]]]}}).encode(),
+        "application/json",
+    ),
+    "wrong content type": (b'{"title": "x"}', "text/plain"),
+    "form body": (b"title=x", "application/x-www-form-urlencoded"),
+    "NUL in JSON": (b'{"title": "a\\u0000b"}', "application/json"),
+}
+
+
+@pytest.mark.parametrize(("body", "content_type"), HOSTILE.values(), ids=HOSTILE.keys())
+async def test_hostile_bodies_get_4xx_problem_documents(
+    start_service: Any, body: bytes, content_type: str
+) -> None:
+    async with start_service(max_body_bytes=1_000_000) as service:
+        response = await _raw_post(service, body, content_type)
+        assert 400 <= response.status_code < 500, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        listing = await service.client.get("/v1/conversations", headers=service.auth())
+        assert listing.json()["data"] == []
+
+
+async def test_security_headers_and_no_cors_by_default(service: Service) -> None:
+    response = await service.client.get(
+        "/v1/conversations", headers={**service.auth(), "Origin": "https://evil.example"}
+    )
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "access-control-allow-origin" not in response.headers
+    preflight = await service.client.options(
+        "/v1/conversations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_cors_origins_and_docs_come_from_settings(start_service: Any) -> None:
+    async with start_service(cors_origins=["https://app.example"], docs=False) as service:
+        preflight = await service.client.options(
+            "/v1/conversations",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = await service.client.options(
+            "/v1/conversations",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+        assert (await service.client.get("/docs")).status_code == 404
+        assert (await service.client.get("/openapi.json")).status_code == 404
+
+
+async def test_no_token_or_key_reaches_the_logs(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = service.auth()["Authorization"].removeprefix("Bearer ")
+    conversation = await service.create_conversation()
+    service.upstream.queue(Reply(status=401, error={"error": {"message": "bad key sk-test-key"}}))
+    await service.client.post(
+        f"/v1/conversations/{conversation['id']}/messages",
+        json={"content": "hi"},
+        headers=service.auth(),
+    )
+    await service.client.get("/v1/conversations", headers={"Authorization": "Bearer forged.jwt.x"})
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert token not in logged
+    assert "sk-test-key" not in logged
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s"',
+        (
+            "1.2.3.4",
+            "GET",
+            f"/v1/messages/x/stream?token={token}&access_token={token}&content=secret",
+        ),
+        None,
+    )
+    RedactTokens().filter(record)
+    assert token not in record.getMessage()
+    assert "secret" not in record.getMessage()
+
+
+class _Proxy:
+    """A TCP proxy to PostgreSQL that can go down and come back, like a restarting server."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.target_port
+        )
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()
+
+        tasks = {
+            asyncio.create_task(pipe(reader, upstream_writer)),
+            asyncio.create_task(pipe(upstream_reader, writer)),
+        }
+        self._pipes |= tasks
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pipes -= tasks
+
+
+async def test_the_service_survives_a_database_restart(
+    database_url: str, start_service: Any
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a server restart is a PostgreSQL matter")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    proxy = _Proxy(url.port or 5432)
+    await proxy.up()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    async with start_service(database_url=proxied) as service:
+        conversation = await service.create_conversation()
+        await proxy.down()
+        outage = await service.client.get("/v1/conversations", headers=service.auth())
+        assert outage.status_code == 503
+        assert outage.json()["code"] == "database_unavailable"
+        assert outage.headers["content-type"] == "application/problem+json"
+        assert (await service.client.get("/readyz")).status_code == 503
+        send = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "during the outage"},
+            headers=service.auth(),
+        )
+        assert send.status_code == 503
+        await proxy.up()
+        await eventually(lambda: True)
+        back = await service.client.get("/v1/conversations", headers=service.auth())
+        assert back.status_code == 200
+        assert [item["id"] for item in back.json()["data"]] == [conversation["id"]]
+        turn = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "after"},
+            headers=service.auth(),
+        )
+        assert turn.status_code == 201
+    with contextlib.suppress(Exception):
+        await proxy.down()
