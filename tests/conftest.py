@@ -102,24 +102,29 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 # --- the service ------------------------------------------------------------------------------
 
 
+def settings_for(database_url: str, upstream_url: str, /, **overrides: Any) -> Settings:
+    """The settings every test starts from: this database, this fake model, generous limits."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "auto_migrate": True,
+        "openai_base_url": upstream_url,
+        "openai_api_key": "sk-test-key",
+        "upstream_max_retries": 0,
+        "upstream_timeout": 5,
+        "auth": "jwt",
+        "jwt_secret": JWT_SECRET,
+        "model": "gpt-4o-mini",
+        "utility_model": UTILITY_MODEL,
+        "rate_limit": "10000/minute",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
 @pytest.fixture
 def make_settings(database_url: str, upstream: FakeUpstream) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "database_url": database_url,
-            "auto_migrate": True,
-            "openai_base_url": upstream.base_url,
-            "openai_api_key": "sk-test-key",
-            "upstream_max_retries": 0,
-            "upstream_timeout": 5,
-            "auth": "jwt",
-            "jwt_secret": JWT_SECRET,
-            "model": "gpt-4o-mini",
-            "utility_model": UTILITY_MODEL,
-            "rate_limit": "10000/minute",
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
+        return settings_for(database_url, upstream.base_url, **overrides)
 
     return make
 

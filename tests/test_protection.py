@@ -403,3 +403,14 @@ async def test_the_service_survives_a_database_restart(
         assert turn.status_code == 201
     with contextlib.suppress(Exception):
         await proxy.down()
+
+
+async def test_a_repeated_query_parameter_is_refused(service: Service) -> None:
+    conversation = await service.create_conversation()
+    response = await service.client.get(
+        f"/v1/conversations/{conversation['id']}/messages?limit=5&limit=500",
+        headers=service.auth(),
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "repeated_parameter"
+    assert "limit" in response.json()["detail"]

@@ -4,8 +4,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from chatbot import health
@@ -20,7 +21,8 @@ from chatbot.context.router import router as context_router
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.router import router as conversations_router
 from chatbot.db import create_engine, create_sessionmaker, migrate
-from chatbot.errors import install_error_handlers
+from chatbot.deps import reject_repeated_query
+from chatbot.errors import API_ERRORS, install_error_handlers
 from chatbot.llm.client import LLMClient
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
@@ -31,6 +33,7 @@ from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.keeper import ReplyKeeper
 from chatbot.streams.registry import InProcessRegistry
 from chatbot.streams.router import router as streams_router
+from chatbot.validation import SETTING_MARK
 from chatbot.web.router import router as web_router
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,28 @@ def build_llm(settings: Settings) -> LLMClient:
         settings.model,
     )
     return OpenAIChatClient(settings)
+
+
+def _document_settings(app: FastAPI, constraints: dict[str, dict[str, Any]]) -> None:
+    """Write the limits that settings decide (profile names, the output cap) into the schema."""
+    build = app.openapi
+
+    def fill(node: Any) -> None:
+        if isinstance(node, dict):
+            if SETTING_MARK in node:
+                node.update(constraints[node.pop(SETTING_MARK)])
+            for value in node.values():
+                fill(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill(value)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            fill(build())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None) -> FastAPI:
@@ -145,11 +170,23 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             max_age=600,
         )
     app.add_middleware(RequestIdMiddleware)
+    _document_settings(
+        app,
+        {
+            "prompt_profiles": {"enum": profiles.names},
+            "max_output_tokens": {"maximum": settings.max_output_tokens},
+        },
+    )
     app.include_router(health.router)
-    app.include_router(conversations_router)
-    app.include_router(messages_router)
-    app.include_router(chat_router)
-    app.include_router(streams_router)
-    app.include_router(context_router)
+    for router in (
+        conversations_router,
+        messages_router,
+        chat_router,
+        streams_router,
+        context_router,
+    ):
+        app.include_router(
+            router, responses=API_ERRORS, dependencies=[Depends(reject_repeated_query)]
+        )
     app.include_router(web_router)
     return app

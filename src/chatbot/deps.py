@@ -10,6 +10,7 @@ from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
 from chatbot.context.prompts import PromptProfiles
+from chatbot.errors import BadRequest
 from chatbot.llm.client import LLMClient
 from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry
@@ -60,6 +61,17 @@ def get_follower(request: Request) -> ReplyFollower:
 def get_stream_signer(request: Request) -> StreamTokenSigner:
     signer: StreamTokenSigner = request.app.state.stream_signer
     return signer
+
+
+def reject_repeated_query(request: Request) -> None:
+    """Every query parameter here takes one value: `?model=a&model=b` is refused, not guessed at."""
+    params = request.query_params
+    if len(params.multi_items()) > len(params):  # len() counts distinct names
+        repeated = sorted(key for key in params if len(params.getlist(key)) > 1)
+        raise BadRequest(
+            f"Query parameters may appear once: {', '.join(repeated)}",
+            code="repeated_parameter",
+        )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

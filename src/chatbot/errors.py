@@ -7,12 +7,53 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """The body of every error response (RFC 9457), with a stable machine-readable `code`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+_PROBLEM_SCHEMA = Problem.model_json_schema()
+
+
+def problem_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for errors answered as problem documents."""
+    return {
+        status: {
+            "description": description,
+            "content": {PROBLEM_JSON: {"schema": _PROBLEM_SCHEMA}},
+        }
+        for status, description in descriptions.items()
+    }
+
+
+API_ERRORS = problem_responses(
+    {
+        400: "The body is not valid JSON or holds forbidden characters",
+        401: "Missing or invalid credentials",
+        404: "Not found, or not yours",
+        413: "The body is larger than the configured limit",
+        422: "The request is not valid",
+        429: "Too many requests; see Retry-After",
+        503: "The database is not reachable; see Retry-After",
+    }
+)
+"""Errors any authenticated route can answer with."""
 
 
 class AppError(Exception):

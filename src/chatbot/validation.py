@@ -1,9 +1,10 @@
 """Input types for request schemas: text PostgreSQL can store and people meant to send."""
 
 import json
+import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, WithJsonSchema
 
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 8
@@ -20,8 +21,15 @@ def _no_nul(value: str) -> str:
     return value
 
 
+# Whitespace as both Python and JavaScript regular expressions know it, spelled out so that the
+# pattern in the OpenAPI schema means the same to every client as it does here.
+_WHITESPACE = r"\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK_PATTERN = f"[^{_WHITESPACE}]"
+_NOT_BLANK = re.compile(NOT_BLANK_PATTERN)
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if _NOT_BLANK.search(value) is None:
         raise ValueError("must not be empty")
     return value
 
@@ -36,6 +44,17 @@ def _json_without_nul(value: Any) -> None:
     elif isinstance(value, list):
         for item in value:
             _json_without_nul(item)
+
+
+def _not_boolean(value: Any) -> Any:
+    """JSON `true` is not a number, though Python's bool is an int; 5.0 still is an integer."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+# Constraints before validators, or pydantic leaves them out of the JSON schema.
+Temperature = Annotated[float, Field(ge=0, le=2), BeforeValidator(_not_boolean)]
 
 
 def _depth(value: Any) -> int:
@@ -57,7 +76,11 @@ def _metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 Text = Annotated[str, AfterValidator(_no_nul)]
 NonBlankText = Annotated[
-    str, StringConstraints(min_length=1), AfterValidator(_no_nul), AfterValidator(_not_blank)
+    str,
+    StringConstraints(min_length=1),
+    Field(json_schema_extra={"pattern": NOT_BLANK_PATTERN}),
+    AfterValidator(_no_nul),
+    AfterValidator(_not_blank),
 ]
 Title = Annotated[str, StringConstraints(max_length=500), AfterValidator(_no_nul)]
 ModelName = Annotated[
@@ -65,6 +88,18 @@ ModelName = Annotated[
 ]
 SystemPrompt = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
+SETTING_MARK = "x-from-settings"
+"""Marks a constraint that depends on settings; the app writes it into the OpenAPI schema."""
 ProfileName = Annotated[
-    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$"),
+    WithJsonSchema({"type": "string", SETTING_MARK: "prompt_profiles"}, mode="validation"),
+]
+MaxOutputTokens = Annotated[
+    int,
+    Field(ge=1, le=1_000_000),
+    BeforeValidator(_not_boolean),
+    WithJsonSchema(
+        {"type": "integer", "minimum": 1, SETTING_MARK: "max_output_tokens"}, mode="validation"
+    ),
 ]

@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from chatbot.auth.tokens import MAX_USER_ID_LENGTH, verify_token
+from chatbot.auth.tokens import MAX_USER_ID_LENGTH, TOKEN_PATTERN, verify_token
 from chatbot.config import is_loopback_host
 from chatbot.deps import SettingsDep
 from chatbot.errors import BadRequest, Unauthorized
@@ -55,6 +55,7 @@ AccessTokenQuery = Annotated[
     Query(
         description="The access token, for EventSource clients that cannot send headers",
         max_length=8192,
+        pattern=TOKEN_PATTERN,
     ),
 ]
 

@@ -10,6 +10,8 @@ from chatbot.errors import Unauthorized
 
 ALGORITHM = "HS256"
 MAX_USER_ID_LENGTH = 255
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$"
+"""A compact JWS, as written in a URL."""
 
 
 def issue_token(settings: Settings, user_id: str, *, ttl_seconds: int = 3600) -> str:

@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
@@ -6,7 +6,11 @@ from chatbot.auth.deps import CurrentUser, StreamingUser
 from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.replies import Replies
 from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
-from chatbot.chat.service import ChatService
+from chatbot.chat.service import (
+    IDEMPOTENCY_KEY_PATTERN,
+    ChatService,
+    validated_idempotency_key,
+)
 from chatbot.deps import (
     ContextBuilderDep,
     LLMDep,
@@ -14,11 +18,11 @@ from chatbot.deps import (
     SessionDep,
     SettingsDep,
 )
-from chatbot.errors import BadRequest, conversation_not_found
+from chatbot.errors import BadRequest, conversation_not_found, problem_responses
 from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message
 from chatbot.messages.models import Role
-from chatbot.streams.sse import parse_event_id
+from chatbot.streams.sse import LastEventId, parse_event_id
 from chatbot.validation import ModelName, NonBlankText
 
 router = APIRouter(tags=["chat"])
@@ -45,19 +49,31 @@ RepliesDep = Annotated[Replies, Depends()]
 StreamFlag = Annotated[
     bool, Query(description="Answer as Server-Sent Events (same as Accept: text/event-stream)")
 ]
+_IDEMPOTENCY_KEY_DOC = {
+    "description": "Makes a retried request safe for 24 h",
+    "json_schema_extra": {"pattern": IDEMPOTENCY_KEY_PATTERN, "maxLength": 255},
+}
 IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="Makes a retried POST safe for 24 h"),
+    str | None, Header(alias="Idempotency-Key", **_IDEMPOTENCY_KEY_DOC)
 ]
+IdempotencyKeyQuery = Annotated[str | None, Query(**_IDEMPOTENCY_KEY_DOC)]
 
-_REPLY_RESPONSES: dict[int | str, dict[str, object]] = {
+MAX_QUERY_CONTENT = 3_000
+"""Characters of a message sent in a URL: percent-encoded, even emoji stay under the 64 KiB that
+HTTP servers accept in a request line. Longer messages go in a POST body."""
+
+_REPLY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "The reply as Server-Sent Events"},
     202: {"model": BackgroundTurnOut, "description": "Started in the background"},
-    409: {"description": "A reply is still being generated in this conversation"},
-    429: {"description": "The model provider is rate limiting"},
-    502: {"description": "The model provider failed"},
-    503: {"description": "The model provider could not be reached"},
-    504: {"description": "The model provider timed out"},
+    **problem_responses(
+        {
+            409: "A reply is still being generated in this conversation",
+            429: "Too many requests or replies, a spent daily quota, or a rate-limiting provider",
+            502: "The model provider failed",
+            503: "The model provider or the database could not be reached",
+            504: "The model provider timed out",
+        }
+    ),
 }
 
 
@@ -110,16 +126,17 @@ async def send_and_stream(
     chat: ChatServiceDep,
     session: SessionDep,
     replies: RepliesDep,
-    content: Annotated[NonBlankText, Query(max_length=1_000_000)],
+    content: Annotated[NonBlankText, Query(max_length=MAX_QUERY_CONTENT)],
     model: Annotated[ModelName | None, Query()] = None,
-    idempotency_key: Annotated[str | None, Query(max_length=255)] = None,
-    last_event_id: Annotated[str | None, Header(max_length=100)] = None,
+    idempotency_key: IdempotencyKeyQuery = None,
+    last_event_id: LastEventId = None,
 ) -> Response:
     """`new EventSource(url)`: send `content` and stream the reply in one GET.
 
     When the browser reconnects by itself it sends `Last-Event-ID`: the same reply is resumed
     from there, and the message is never sent again.
     """
+    validated_idempotency_key(idempotency_key)
     if last_event_id:
         message_id, offset = parse_event_id(last_event_id)
         message = await get_owned_message(session, user_id, str(message_id))

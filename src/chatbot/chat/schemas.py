@@ -4,11 +4,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chatbot.messages.schemas import MessageOut
 from chatbot.validation import (
+    MaxOutputTokens,
     Metadata,
     ModelName,
     NonBlankText,
     ProfileName,
     SystemPrompt,
+    Temperature,
     Title,
 )
 
@@ -20,10 +22,11 @@ class TurnOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: Temperature | None = None
+    max_output_tokens: MaxOutputTokens | None = None
     background: bool = Field(
         default=False,
+        strict=True,  # JSON `1` is not a boolean
         description="Answer 202 at once with a stream_url to follow the reply from",
     )
 

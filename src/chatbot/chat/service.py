@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from chatbot.quotas import service as quotas
 from chatbot.streams.keeper import IDEMPOTENCY_WINDOW
 from chatbot.streams.registry import Generation, ReplyRegistry
 
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
+"""1 to 255 visible ASCII characters, inner spaces allowed (a structured-field string)."""
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +51,12 @@ class ContentTooLong(AppError):
     code = "content_too_long"
 
 
-def _validated_key(key: str | None) -> str | None:
+def validated_idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable():
+    if _IDEMPOTENCY_KEY.fullmatch(key) is None:
         raise BadRequest(
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable characters",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
             code="invalid_idempotency_key",
         )
     return key
@@ -93,7 +96,7 @@ class ChatService:
         started = time.monotonic()
         self._check_limits(body.content, body, field="content")
         target_id = parse_id(conversation_id, conversation_not_found())
-        key = _validated_key(idempotency_key)
+        key = validated_idempotency_key(idempotency_key)
         request_hash = _request_hash(str(target_id), body)
         if key and (turn := await self._replay(user_id, key, request_hash)):
             return turn
@@ -126,7 +129,7 @@ class ChatService:
             )
         started = time.monotonic()
         self._check_limits(body.message, body, field="message")
-        key = _validated_key(idempotency_key)
+        key = validated_idempotency_key(idempotency_key)
         request_hash = _request_hash("new", body)
         if key and (turn := await self._replay(user_id, key, request_hash)):
             return turn

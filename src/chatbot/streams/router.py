@@ -1,10 +1,11 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import update
 from sse_starlette import EventSourceResponse
 
 from chatbot.auth.deps import AccessTokenQuery, CurrentUser, admit, streaming_user
+from chatbot.auth.tokens import TOKEN_PATTERN
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.deps import (
@@ -21,6 +22,7 @@ from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
 from chatbot.streams.registry import StopReason
 from chatbot.streams.sse import (
+    LastEventId,
     parse_event_id,
     reply_events,
     start_event,
@@ -31,12 +33,16 @@ from chatbot.streams.sse import (
 router = APIRouter(prefix="/v1/messages", tags=["streams"])
 
 StreamToken = Annotated[
-    str | None, Query(max_length=4096, description="The token of a `stream_url`")
+    str | None,
+    Query(
+        max_length=4096,
+        description="The token of a `stream_url`",
+        pattern=TOKEN_PATTERN,
+    ),
 ]
 StartingAfter = Annotated[
     int | None, Query(ge=0, le=10**12, description="Resume after this many characters")
 ]
-LastEventId = Annotated[str | None, Header(max_length=100)]
 
 
 @router.get(

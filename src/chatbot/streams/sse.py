@@ -4,8 +4,9 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatbot.auth.stream_tokens import StreamTokenSigner
@@ -14,7 +15,17 @@ from chatbot.errors import BadRequest
 from chatbot.streams.registry import Delta, Outcome
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d{1,12})$")
+EVENT_ID_PATTERN = r"^([0-9a-fA-F-]{36}):(\d{1,12})$"
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+LastEventId = Annotated[
+    str | None,
+    Header(
+        max_length=100,
+        description="The `id` of the last event received, sent by EventSource on reconnect",
+        # Empty counts as absent, as EventSource never sends an empty one.
+        json_schema_extra={"pattern": r"^$|" + EVENT_ID_PATTERN},
+    ),
+]
 
 
 def _json(data: Any) -> str:
