@@ -354,3 +354,32 @@ async def _bulk_history(app: Any, conversation_id: uuid.UUID, count: int) -> Non
             .values(message_count=count)
         )
         await session.commit()
+
+
+async def test_chores_run_only_when_a_turn_leaves_something_to_do(start_service: Any) -> None:
+    async with start_service(context_tokens=400) as service:
+        chores = service.server.app.state.chores
+        started: list[uuid.UUID] = []
+        run = chores.run
+
+        async def counted(conversation_id: uuid.UUID) -> None:
+            started.append(conversation_id)
+            await run(conversation_id)
+
+        chores.run = counted
+        conversation = await service.create_conversation()
+        await _turn(service, conversation["id"], "first")
+        assert len(started) == 1  # the title
+        assert len(service.upstream.utility_requests) == 1
+        for text in ("second", "third"):
+            await _turn(service, conversation["id"], text)
+        assert len(started) == 1, "a titled conversation far inside its budget has no chores"
+        # Near the budget, the turn that will push messages out starts the summary.
+        service.upstream.default = Reply(tokens=["word "] * 150)
+        for text in ("fourth", "fifth", "sixth"):
+            await _turn(service, conversation["id"], text)
+        assert len(started) >= 2
+        assert any(
+            "summar" in json.dumps(request.body).lower()
+            for request in service.upstream.utility_requests[1:]
+        )

@@ -5,6 +5,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, cast
 
+import httpx
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -335,27 +336,47 @@ class _FirstCommitFails(AsyncSession):
         await super().commit()
 
 
-async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
-    service: Service,
-) -> None:
+async def _turn_with_failing_commits(service: Service, failures: int) -> tuple[str, httpx.Response]:
     app = service.server.app
     failing = cast(
         async_sessionmaker[AsyncSession],
         async_sessionmaker(app.state.engine, class_=_FirstCommitFails, expire_on_commit=False),
     )
-    _FirstCommitFails.failures = 1
+    _FirstCommitFails.failures = failures
     app.dependency_overrides[get_runner] = lambda: ReplyRunner(
-        service.settings, failing, app.state.llm, TokenCounter()
+        service.settings,
+        failing,
+        app.state.llm,
+        TokenCounter(),
+        store_retry_delays=(0.01, 0.01, 0.01),
     )
     conversation = await service.create_conversation()
-    url = f"/v1/conversations/{conversation['id']}/messages"
     try:
-        response = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+        return conversation["id"], await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "hi"},
+            headers=service.auth(),
+        )
     finally:
         app.dependency_overrides.clear()
+
+
+async def test_a_reply_whose_store_fails_once_is_stored_on_the_retry(service: Service) -> None:
+    _, response = await _turn_with_failing_commits(service, failures=1)
+    assert response.status_code == 201
+    assert response.json()["assistant_message"]["status"] == "completed"
+    assert response.json()["assistant_message"]["content"] == "Hello, world!"
+
+
+async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
+    service: Service,
+) -> None:
+    # The first attempt and its three retries fail; the fallback that marks it failed does not.
+    conversation_id, response = await _turn_with_failing_commits(service, failures=4)
+    url = f"/v1/conversations/{conversation_id}/messages"
     assert response.status_code == 503
     assert response.json()["code"] == "storage_failed"
-    reply = (await service.messages(conversation["id"]))[-1]
+    reply = (await service.messages(conversation_id))[-1]
     assert reply["status"] == "incomplete"
     assert reply["error"]["code"] == "storage_failed"
     again = await service.client.post(url, json={"content": "hi"}, headers=service.auth())

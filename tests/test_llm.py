@@ -8,6 +8,7 @@ import pytest
 import respx
 
 from chatbot.config import Settings
+from chatbot.errors import UpstreamError
 from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient, is_reasoning_model
@@ -143,3 +144,61 @@ async def test_demo_model_streams_a_deterministic_reply_word_by_word() -> None:
     assert last.model == DEMO_MODEL
     assert last.usage is not None
     assert demo.model_label("gpt-4o") == DEMO_MODEL
+
+
+async def _stream_body(body: bytes) -> list[Any]:
+    client = _client()
+    request = CompletionRequest(model="m", messages=[ChatMessage("user", "hello")])
+    with respx.mock(assert_all_called=True) as mock:
+        mock.post(f"{BASE_URL}/chat/completions").mock(
+            return_value=httpx.Response(
+                200, content=body, headers={"content-type": "text/event-stream"}
+            )
+        )
+        try:
+            return [event async for event in client.stream(request)]
+        finally:
+            await client.aclose()
+
+
+async def test_the_event_stream_is_read_as_the_sse_format_defines_it() -> None:
+    # CRLF line ends, comments, an id line, a data field split over two lines, and a last
+    # event with no blank line after it: every provider's quirks seen in the wild.
+    first = json.dumps(_chunk("Hel"))
+    second = json.dumps(_chunk("lo", "stop"))
+    usage = {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    body = (
+        ": keep-alive\r\n\r\n"
+        f"id: 1\r\ndata: {first}\r\n\r\n"
+        f"data:{second[:20]}\ndata:{second[20:]}\n\n"
+        f"data: {json.dumps({**_chunk(), 'choices': [], 'usage': usage})}"
+    ).encode()
+    # The split field joins with a newline, which JSON allows between tokens.
+    events = await _stream_body(body)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hel", "lo"]
+    completion = events[-1]
+    assert isinstance(completion, Completion)
+    assert completion.finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.total_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"data: {not json}\n\n",
+        b'data: ["a list"]\n\n',
+        b'data: {"choices": [{"delta": {"content": 5}}]}\n\n',
+        b'event: error\ndata: {"message": "overloaded"}\n\n',
+        b'data: {"error": {"message": "overloaded"}}\n\n',
+    ],
+    ids=["not-json", "not-an-object", "content-not-text", "error-event", "error-chunk"],
+)
+async def test_a_malformed_or_failing_stream_is_an_upstream_error(body: bytes) -> None:
+    with pytest.raises(UpstreamError) as raised:
+        await _stream_body(_chunk_line("Hi") + body)
+    assert raised.value.status == 502
+
+
+def _chunk_line(content: str) -> bytes:
+    return f"data: {json.dumps(_chunk(content))}\n\n".encode()

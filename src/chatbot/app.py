@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout,
         )
         if settings.should_auto_migrate:
             await migrate(engine)

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout: float = Field(default=10.0, gt=0)
     auto_migrate: bool | None = None
 
     openai_api_key: SecretStr | None = Field(

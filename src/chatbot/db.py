@@ -61,12 +61,25 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
-    options: dict[str, Any] = {"pool_pre_ping": True}
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 20,
+    pool_timeout: float = 10.0,
+) -> AsyncEngine:
+    """An engine whose pool is sized by settings; waiting longer than `pool_timeout` for a
+    connection raises, and is answered 503 rather than left to pile up."""
+    options: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": pool_timeout,
+    }
     if database_url.startswith("sqlite"):
         options["connect_args"] = {"timeout": 30}
     else:
-        options.update(pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800)
+        # A server can restart under us; a file cannot. The ping costs a round trip per checkout.
+        options.update(pool_pre_ping=True, pool_recycle=1800)
     engine = create_async_engine(database_url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite)

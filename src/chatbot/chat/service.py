@@ -16,6 +16,7 @@ from chatbot.chat.models import IdempotencyKey
 from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOptions
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
+from chatbot.context.chores import FollowUp
 from chatbot.context.tokens import TOKENS_PER_MESSAGE
 from chatbot.conversations import repository as conversations
 from chatbot.conversations.models import Conversation
@@ -283,7 +284,15 @@ class ChatService:
         await self._session.commit()
 
         generation = Generation(assistant_id, conversation.id, conversation.user_id)
-        self._registry.start(generation, self._runner.run(generation, request, started))
+        follow_up = FollowUp(
+            conversation_id=conversation.id,
+            untitled=conversation.title is None,
+            summary_due=(context.window_start_seq or user_seq) > conversation.summary_upto_seq + 1
+            or len(context.history) + 2 > self._settings.history_messages,
+            context_tokens=context.total_tokens,
+            budget=context.budget,
+        )
+        self._registry.start(generation, self._runner.run(generation, request, started, follow_up))
         return Turn(
             conversation_id=conversation.id,
             user_message=MessageOut.of(user_message),

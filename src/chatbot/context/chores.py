@@ -9,6 +9,7 @@ tried again after the next reply: the messages it would have covered stay where 
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -70,6 +71,30 @@ def extractive_summary(previous: str | None, rows: list[Message], words: int) ->
     return "\n".join(lines)
 
 
+NEXT_TURN_SLACK = 16
+"""Tokens of framing the next turn adds around this turn's reply."""
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """What a finished turn may leave to do, judged from what the turn already knew, so that
+    most turns end without a single query for chores."""
+
+    conversation_id: uuid.UUID
+    untitled: bool
+    summary_due: bool
+    """Messages left the window that the summary does not cover yet, or the next turn will
+    push some out by the cap on their number."""
+    context_tokens: int
+    budget: int
+
+    def needs_summary(self, reply_tokens: int) -> bool:
+        # The next context holds this one and the reply: past the budget, something must go.
+        return (
+            self.summary_due or self.context_tokens + reply_tokens + NEXT_TURN_SLACK > self.budget
+        )
+
+
 class Chores:
     def __init__(
         self,
@@ -85,9 +110,12 @@ class Chores:
         self._utility_model = settings.utility_model or settings.model
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
 
-    def after_reply(self, conversation_id: uuid.UUID) -> None:
-        """Start the chores of a conversation, unless they are already under way."""
+    def after_reply(self, follow_up: FollowUp, reply_tokens: int) -> None:
+        """Start what the turn left to do, unless it is nothing or already under way."""
+        conversation_id = follow_up.conversation_id
         if conversation_id in self._running:
+            return
+        if not follow_up.untitled and not follow_up.needs_summary(reply_tokens):
             return
         task = asyncio.create_task(self.run(conversation_id), name=f"chores-{conversation_id}")
         self._running[conversation_id] = task

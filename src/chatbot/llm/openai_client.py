@@ -1,5 +1,6 @@
 """Any OpenAI-compatible Chat Completions endpoint, through the official async client."""
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -68,39 +69,44 @@ class OpenAIChatClient:
         return requested
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
-        stream = await self._open(request)
+        """The client makes the request (auth, retries, error mapping); the chunks are read as
+        plain JSON, since building the SDK's models for each of them costs more than all the
+        rest of relaying a delta."""
+        response = await self._open(request)
         finish_reason: str | None = None
         usage: TokenUsage | None = None
         model: str | None = None
         try:
-            async with stream:
-                async for chunk in stream:
-                    model = chunk.model or model
-                    if chunk.usage is not None:
-                        usage = TokenUsage(
-                            prompt_tokens=chunk.usage.prompt_tokens,
-                            completion_tokens=chunk.usage.completion_tokens,
-                            total_tokens=chunk.usage.total_tokens,
-                        )
-                    for choice in chunk.choices[:1]:
-                        if choice.delta.content:
-                            yield TextDelta(choice.delta.content)
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
-        except (openai.APIError, httpx.HTTPError, ValueError) as exc:
-            # ValueError: a chunk that is not JSON, or not the shape of a chunk.
+            async for chunk in _chunks(response.aiter_lines()):
+                model = chunk.get("model") or model
+                if chunk.get("usage"):
+                    usage = _usage(chunk["usage"])
+                choices = chunk.get("choices")
+                if choices:
+                    choice = choices[0]
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        yield TextDelta(_text(content))
+                    if choice.get("finish_reason"):
+                        finish_reason = str(choice["finish_reason"])
+        except (httpx.HTTPError, ValueError, TypeError, AttributeError, LookupError) as exc:
+            # ValueError and friends: a chunk that is not JSON, or not the shape of a chunk.
             raise upstream_error(exc, mid_stream=True) from exc
+        finally:
+            await response.aclose()
         yield Completion(finish_reason=finish_reason, usage=usage, model=model)
 
-    async def _open(self, request: CompletionRequest) -> Any:
+    async def _open(self, request: CompletionRequest) -> httpx.Response:
+        """The streaming response, its status checked; its body is for the caller to read."""
         reasoning = is_reasoning_model(request.model)
         adjusted = False
         while True:
             params = request_params(request, reasoning=reasoning)
             try:
-                return await self._client.chat.completions.create(
+                raw = await self._client.chat.completions.with_raw_response.create(
                     **params, stream=True, stream_options={"include_usage": True}
                 )
+                return cast(httpx.Response, raw.http_response)
             except openai.BadRequestError as exc:
                 # An unknown model behind a compatible endpoint may be a reasoning model
                 # (or not): switch parameter style once when the upstream says so.
@@ -115,6 +121,53 @@ class OpenAIChatClient:
     async def aclose(self) -> None:
         await self._client.close()
         await self._http.aclose()
+
+
+async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a Chat Completions event stream, up to `[DONE]`."""
+    data: list[str] = []
+    event: str | None = None
+    async for line in lines:
+        if line:
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value.removeprefix(" "))
+            elif field == "event":
+                event = value.removeprefix(" ")
+            continue  # comments (": ping"), id and retry lines
+        if data:
+            payload, data = "\n".join(data), []
+            if payload == "[DONE]":
+                return
+            yield _chunk(payload, event)
+        event = None
+    if data and (payload := "\n".join(data)) != "[DONE]":
+        yield _chunk(payload, event)  # a last event without its blank line
+
+
+def _chunk(payload: str, event: str | None) -> dict[str, Any]:
+    chunk = json.loads(payload)
+    if not isinstance(chunk, dict):
+        raise ValueError("a chunk is not a JSON object")
+    if event == "error" or chunk.get("error"):
+        raise UpstreamError(
+            "The model provider reported an error during the reply", code="upstream_error"
+        )
+    return chunk
+
+
+def _usage(usage: dict[str, Any]) -> TokenUsage:
+    return TokenUsage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        total_tokens=int(usage.get("total_tokens") or 0),
+    )
+
+
+def _text(content: object) -> str:
+    if not isinstance(content, str):
+        raise TypeError("delta content is not text")
+    return content
 
 
 def _rejects_parameter_style(exc: openai.BadRequestError, reasoning: bool) -> bool:

@@ -62,13 +62,19 @@ async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
     return await session.get(Message, message_id, populate_existing=True)
 
 
-async def finish(session: AsyncSession, message_id: uuid.UUID, values: dict[str, Any]) -> None:
-    """Store a reply's end, unless it was already finished (cancelled elsewhere, or swept)."""
-    await session.execute(
+async def finish(
+    session: AsyncSession, message_id: uuid.UUID, values: dict[str, Any]
+) -> Message | None:
+    """Store a reply's end, unless it was already finished (cancelled elsewhere, or swept).
+
+    Returns the stored row, or None if it was already final or is gone."""
+    stored: Message | None = await session.scalar(
         update(Message)
         .where(Message.id == message_id, Message.status == MessageStatus.IN_PROGRESS)
         .values(**values)
+        .returning(Message)
     )
+    return stored
 
 
 def add(session: AsyncSession, *messages: Message) -> None:
