@@ -1,10 +1,15 @@
 """A chat turn streamed over a real socket, and its JSON fallback."""
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
+import pytest
+from sse_starlette import ServerSentEvent
 
+from chatbot.streams.registry import Delta
+from chatbot.streams.sse import delta_event
 from tests.conftest import Service, collect_events, read_events
 from tests.fake_upstream import Reply
 
@@ -243,3 +248,15 @@ async def test_reply_is_stored_when_the_client_disconnects(service: Service) -> 
         await asyncio.sleep(0.05)
     assert messages[-1]["status"] == "completed"
     assert messages[-1]["content"] == "abcde"
+
+
+@pytest.mark.parametrize(
+    "text", ["plain", 'quotes " and \\ backslash', "line\nbreaks\r\nand\rreturns", "\u2028 é 🙂"]
+)
+def test_a_hand_encoded_delta_is_the_event_sse_starlette_would_send(text: str) -> None:
+    expected = ServerSentEvent(
+        event="delta",
+        id="m:7",
+        data=json.dumps({"content": text}, ensure_ascii=False, separators=(",", ":")),
+    ).encode()
+    assert delta_event("m:", Delta(text, 7)) == expected

@@ -82,13 +82,13 @@ class Replies:
         return JSONResponse(body, status_code=status.HTTP_201_CREATED)
 
     async def _cancelled_on_disconnect(
-        self, turn: Turn, events: AsyncIterator[ServerSentEvent]
-    ) -> AsyncIterator[ServerSentEvent]:
+        self, turn: Turn, events: AsyncIterator[ServerSentEvent | bytes]
+    ) -> AsyncIterator[ServerSentEvent | bytes]:
         finished = False
         try:
             async for event in events:
                 yield event
-                finished = event.event in ("done", "error")
+                finished = isinstance(event, ServerSentEvent) and event.event in ("done", "error")
         finally:
             if not finished:
                 await self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)
