@@ -4,7 +4,7 @@ TEST_DATABASE_URL is set, PostgreSQL too; the model is a real OpenAI-compatible 
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,14 @@ async def _recreate_database(url: str, name: str) -> None:
         await connection.close()
 
 
+async def _drop_database(url: str, name: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
 async def _migrate(url: str) -> None:
     engine = create_engine(url)
     try:
@@ -54,19 +62,23 @@ async def _migrate(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(worker_id: str) -> str | None:
-    """A database of this xdist worker's own, migrated once; tests truncate it."""
+def postgres_url(worker_id: str, testrun_uid: str) -> Iterator[str | None]:
+    """A database of this run's and this xdist worker's own (so that two runs on one server
+    never meet), migrated once; tests truncate it, and it is dropped at the end."""
     base = os.environ.get("TEST_DATABASE_URL")
     if not base:
         if os.environ.get("CHATBOT_REQUIRE_POSTGRES"):
             pytest.fail("TEST_DATABASE_URL is required in CI")
-        return None
+        yield None
+        return
     url = make_url(normalize_database_url(base))
-    name = f"chatbot_test_{worker_id}"
-    asyncio.run(_recreate_database(_asyncpg_dsn(url.render_as_string(hide_password=False)), name))
+    server = _asyncpg_dsn(url.render_as_string(hide_password=False))
+    name = f"chatbot_test_{testrun_uid[:8]}_{worker_id}"
+    asyncio.run(_recreate_database(server, name))
     target = url.set(database=name).render_as_string(hide_password=False)
     asyncio.run(_migrate(target))
-    return target
+    yield target
+    asyncio.run(_drop_database(server, name))
 
 
 def _asyncpg_dsn(url: str) -> str:

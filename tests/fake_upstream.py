@@ -143,6 +143,8 @@ class FakeUpstream:
             done, _ = await asyncio.wait({opened, closed}, return_when=asyncio.FIRST_COMPLETED)
             opened.cancel()
             closed.cancel()
+            # Reap the read, or the next request's readuntil finds it still waiting.
+            await asyncio.gather(opened, closed, return_exceptions=True)
             if closed in done and not closed.result():
                 self.disconnects += 1
                 return False
