@@ -103,10 +103,18 @@ class OpenAIChatClient:
         while True:
             params = request_params(request, reasoning=reasoning)
             try:
-                raw = await self._client.chat.completions.with_raw_response.create(
-                    **params, stream=True, stream_options={"include_usage": True}
+                # The client's generic POST: its auth, retries, timeouts and error types, without
+                # the typed `create`, whose walk over every parameter costs more than the rest
+                # of a turn. The parameters are plain JSON already.
+                stream = await self._client.post(
+                    "/chat/completions",
+                    cast_to=object,
+                    body={**params, "stream": True, "stream_options": {"include_usage": True}},
+                    options={"security": {"bearer_auth": True}},
+                    stream=True,
+                    stream_cls=openai.AsyncStream[object],
                 )
-                return cast(httpx.Response, raw.http_response)
+                return cast(httpx.Response, stream.response)
             except openai.BadRequestError as exc:
                 # An unknown model behind a compatible endpoint may be a reasoning model
                 # (or not): switch parameter style once when the upstream says so.
