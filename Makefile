@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format migrate bench clean
+.PHONY: install run test lint format migrate bench loadtest clean
 
 install: $(STAMP)
 
@@ -33,6 +33,19 @@ BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 bench: install
 	$(BIN)/python bench/growth.py --database sqlite --output bench/results/growth-sqlite.json
 	$(BIN)/python bench/growth.py --database $(BENCH_DATABASE_URL) --output bench/results/growth-postgresql.json
+
+# Concurrent streaming conversations for 60 s, then a row-by-row check of the database: 500 on
+# PostgreSQL (production), 300 on SQLite (a laptop). Both run even if the first fails; on
+# PostgreSQL it drops and recreates LOADTEST_PG_DATABASE.
+LOADTEST_PG_DATABASE ?= loadtest
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python bench/loadtest.py --database $(BENCH_DATABASE_URL) --streams 500 \
+		--pg-database $(LOADTEST_PG_DATABASE) $(LOADTEST_ARGS) \
+		--output bench/results/loadtest-postgresql.json; postgresql=$$?; \
+	$(BIN)/python bench/loadtest.py --database sqlite --streams 300 $(LOADTEST_ARGS) \
+		--output bench/results/loadtest-sqlite.json; sqlite=$$?; \
+	test $$postgresql -eq 0 && test $$sqlite -eq 0
 
 migrate: install
 	$(BIN)/chatbot migrate
