@@ -1,7 +1,7 @@
 """Typed dependencies for what the lifespan builds; tests swap them via dependency_overrides."""
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,14 +16,24 @@ from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def app_state(name: str) -> Callable[[Request], Any]:
+    """A dependency returning what the lifespan stored as `app.state.<name>`."""
+
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    return sessionmaker
+get_settings: Callable[[Request], Settings] = app_state("settings")
+get_sessionmaker: Callable[[Request], async_sessionmaker[AsyncSession]] = app_state("sessionmaker")
+get_llm: Callable[[Request], LLMClient] = app_state("llm")
+get_registry: Callable[[Request], ReplyRegistry] = app_state("registry")
+get_profiles: Callable[[Request], PromptProfiles] = app_state("profiles")
+get_context_builder: Callable[[Request], ContextBuilder] = app_state("context_builder")
+get_follower: Callable[[Request], ReplyFollower] = app_state("follower")
+get_stream_signer: Callable[[Request], StreamTokenSigner] = app_state("stream_signer")
 
 
 async def get_session(
@@ -31,36 +41,6 @@ async def get_session(
 ) -> AsyncIterator[AsyncSession]:
     async with sessionmaker() as session:
         yield session
-
-
-def get_llm(request: Request) -> LLMClient:
-    llm: LLMClient = request.app.state.llm
-    return llm
-
-
-def get_registry(request: Request) -> ReplyRegistry:
-    registry: ReplyRegistry = request.app.state.registry
-    return registry
-
-
-def get_profiles(request: Request) -> PromptProfiles:
-    profiles: PromptProfiles = request.app.state.profiles
-    return profiles
-
-
-def get_context_builder(request: Request) -> ContextBuilder:
-    builder: ContextBuilder = request.app.state.context_builder
-    return builder
-
-
-def get_follower(request: Request) -> ReplyFollower:
-    follower: ReplyFollower = request.app.state.follower
-    return follower
-
-
-def get_stream_signer(request: Request) -> StreamTokenSigner:
-    signer: StreamTokenSigner = request.app.state.stream_signer
-    return signer
 
 
 def reject_repeated_query(request: Request) -> None:

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
@@ -17,6 +18,7 @@ from chatbot.deps import (
     RegistryDep,
     SessionDep,
     SettingsDep,
+    app_state,
 )
 from chatbot.errors import BadRequest, conversation_not_found, problem_responses
 from chatbot.ids import parse_id
@@ -28,9 +30,7 @@ from chatbot.validation import ModelName, NonBlankText
 router = APIRouter(tags=["chat"])
 
 
-def get_runner(request: Request) -> ReplyRunner:
-    runner: ReplyRunner = request.app.state.runner
-    return runner
+get_runner: Callable[[Request], ReplyRunner] = app_state("runner")
 
 
 def get_chat_service(
