@@ -2,9 +2,10 @@
 TEST_DATABASE_URL is set, PostgreSQL too; the model is a real OpenAI-compatible server of ours."""
 
 import asyncio
+import inspect
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,10 +286,28 @@ async def collect_events(response: httpx.Response) -> list[Event]:
     return [event async for event in read_events(response)]
 
 
-async def eventually(condition: Callable[[], object], seconds: float = 5.0) -> None:
-    """Wait, bounded, for a condition that another task will make true."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
+async def eventually(
+    condition: Callable[[], object | Awaitable[object]], seconds: float = 5.0
+) -> Any:
+    """Wait, bounded, for a condition that another task will make true; returns its value.
+    The condition may be a coroutine function (a query, an API call)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the condition never held")
         await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
+
+
+async def final_reply(service: "Service", conversation_id: str, seconds: float = 10.0) -> Any:
+    """The conversation's last message once it is no longer being generated."""
+
+    async def finished() -> dict[str, Any] | None:
+        last = (await service.messages(conversation_id))[-1]
+        return last if last["status"] != "in_progress" else None
+
+    return await eventually(finished, seconds)

@@ -2,6 +2,7 @@
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -34,6 +35,16 @@ async def _stored(service: Service, message_id: str) -> Message:
         message = await session.get(Message, uuid.UUID(message_id))
     assert message is not None
     return message
+
+
+async def _stored_if(
+    service: Service, message_id: str, condition: Callable[[Message], object]
+) -> Message | None:
+    message = await _stored(service, message_id)
+    return message if condition(message) else None
+
+
+IN_PROGRESS = MessageStatus.IN_PROGRESS
 
 
 async def test_cancel_mid_reply_keeps_the_partial_text_and_closes_the_upstream(
@@ -76,10 +87,7 @@ async def test_cancel_mid_reply_keeps_the_partial_text_and_closes_the_upstream(
     assert stored.status is MessageStatus.CANCELLED
     assert stored.content == "Never"
     # The upstream saw its connection closed while it still held the rest of the reply.
-    for _ in range(50):
-        if service.upstream.disconnects:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: service.upstream.disconnects)
     assert service.upstream.disconnects == 1
 
     again = await service.client.post(f"/v1/messages/{message_id}/cancel", headers=service.auth())
@@ -124,11 +132,7 @@ async def test_running_replies_are_checkpointed(start_service: Any) -> None:
             )
         ).json()
         message_id = body["assistant_message"]["id"]
-        for _ in range(50):
-            stored = await _stored(service, message_id)
-            if stored.content:
-                break
-            await asyncio.sleep(0.05)
+        stored = await eventually(lambda: _stored_if(service, message_id, lambda m: m.content))
         assert stored.content == "Never"
         assert stored.status is MessageStatus.IN_PROGRESS
         first_checkpoint = stored.checkpoint_at
@@ -259,11 +263,9 @@ async def test_cancel_on_disconnect_when_configured(start_service: Any) -> None:
             start = await anext(events)
             await anext(events)
         message_id = start.data["assistant_message"]["id"]
-        for _ in range(100):
-            stored = await _stored(service, message_id)
-            if stored.status is not MessageStatus.IN_PROGRESS:
-                break
-            await asyncio.sleep(0.02)
+        stored = await eventually(
+            lambda: _stored_if(service, message_id, lambda m: m.status is not IN_PROGRESS)
+        )
         assert stored.status is MessageStatus.CANCELLED
         assert stored.content == "Never"
 
@@ -307,20 +309,14 @@ async def test_deleting_a_conversation_mid_reply_stops_the_reply(service: Servic
         )
 
     pending = asyncio.create_task(send())
-    for _ in range(100):
-        if service.upstream.requests:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: service.upstream.requests)
     await asyncio.sleep(0.1)
     deleted = await service.client.delete(url, headers=service.auth())
     assert deleted.status_code == 204
     response = await pending
     assert response.status_code == 404
     assert response.json()["code"] == "message_not_found"
-    for _ in range(50):
-        if service.upstream.disconnects:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: service.upstream.disconnects)
     assert service.upstream.disconnects == 1
 
 
@@ -443,10 +439,7 @@ async def test_a_reply_cancelled_on_another_instance_stops_here(start_service: A
             rest = [event async for event in events]
         assert rest[-1].event == "done"
         assert rest[-1].data["assistant_message"]["status"] == "cancelled"
-        for _ in range(50):
-            if service.upstream.disconnects:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: service.upstream.disconnects)
         assert service.upstream.disconnects == 1
 
 
@@ -469,10 +462,7 @@ async def test_a_conversation_deleted_elsewhere_stops_its_reply(start_service: A
             await session.commit()
         response = await pending
         assert response.status_code == 404
-        for _ in range(50):
-            if service.upstream.disconnects:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: service.upstream.disconnects)
         assert service.upstream.disconnects == 1
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Event, Service, collect_events, read_events
+from tests.conftest import Event, Service, collect_events, final_reply, read_events
 from tests.fake_upstream import Reply
 
 TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog."]
@@ -28,15 +28,6 @@ async def _start_streaming(
         for _ in range(count):
             received.append(await anext(events))
     return received[0].data["assistant_message"]["id"], received
-
-
-async def _wait_final(service: Service, conversation_id: str) -> dict[str, Any]:
-    for _ in range(200):
-        reply = (await service.messages(conversation_id))[-1]
-        if reply["status"] != "in_progress":
-            return reply
-        await asyncio.sleep(0.05)
-    raise AssertionError("the reply never finished")
 
 
 async def test_reconnect_with_last_event_id_receives_exactly_the_rest(service: Service) -> None:
@@ -124,7 +115,7 @@ async def test_a_reply_whose_client_vanished_is_stored_complete(service: Service
     service.upstream.queue(Reply(tokens=TOKENS, token_delay=0.03))
     async with httpx.AsyncClient(base_url=service.url) as phone:
         await _start_streaming(service, conversation["id"], phone, 2)
-    reply = await _wait_final(service, conversation["id"])
+    reply = await final_reply(service, conversation["id"])
     assert reply["status"] == "completed"
     assert reply["content"] == "".join(TOKENS)
 
@@ -162,7 +153,7 @@ async def test_stream_tokens_are_bound_to_one_message_and_are_not_access_tokens(
             headers=service.auth(),
         )
     ).json()
-    await _wait_final(service, conversation["id"])
+    await final_reply(service, conversation["id"])
     second = (
         await service.client.post(
             f"/v1/conversations/{conversation['id']}/messages",
@@ -351,13 +342,9 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_reply_goes_on(
         )
         await writer.drain()
         # Read nothing while the reply is generated and stored.
-        for _ in range(200):
-            messages = await service.messages(conversation["id"])
-            if messages and messages[-1]["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
-        assert messages[-1]["status"] == "completed"
-        assert len(messages[-1]["content"]) == len("".join(big))
+        reply = await final_reply(service, conversation["id"])
+        assert reply["status"] == "completed"
+        assert len(reply["content"]) == len("".join(big))
         await asyncio.sleep(1.0)  # past the send timeout
         received = 0
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):

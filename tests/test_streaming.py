@@ -10,7 +10,7 @@ from sse_starlette import ServerSentEvent
 
 from chatbot.streams.registry import Delta
 from chatbot.streams.sse import delta_event
-from tests.conftest import Service, collect_events, read_events
+from tests.conftest import Service, collect_events, final_reply, read_events
 from tests.fake_upstream import Reply
 
 
@@ -241,13 +241,9 @@ async def test_reply_is_stored_when_the_client_disconnects(service: Service) -> 
         await anext(events)
         # Leaving the block closes the connection mid-reply.
 
-    for _ in range(100):
-        messages = await service.messages(conversation["id"])
-        if messages[-1]["status"] != "in_progress":
-            break
-        await asyncio.sleep(0.05)
-    assert messages[-1]["status"] == "completed"
-    assert messages[-1]["content"] == "abcde"
+    reply = await final_reply(service, conversation["id"])
+    assert reply["status"] == "completed"
+    assert reply["content"] == "abcde"
 
 
 @pytest.mark.parametrize(
