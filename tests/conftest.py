@@ -307,7 +307,7 @@ async def final_reply(service: "Service", conversation_id: str, seconds: float =
     """The conversation's last message once it is no longer being generated."""
 
     async def finished() -> dict[str, Any] | None:
-        last = (await service.messages(conversation_id))[-1]
-        return last if last["status"] != "in_progress" else None
+        messages = await service.messages(conversation_id)
+        return messages[-1] if messages and messages[-1]["status"] != "in_progress" else None
 
     return await eventually(finished, seconds)
