@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format migrate bench loadtest clean
+.PHONY: install run test lint format migrate bench bench-env loadtest clean
 
 install: $(STAMP)
 
@@ -30,9 +30,22 @@ format: install
 
 # Benchmarks (not part of `make test`): results land in bench/results/.
 BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
-bench: install
+bench: install bench-env
 	$(BIN)/python bench/growth.py --database sqlite --output bench/results/growth-sqlite.json
 	$(BIN)/python bench/growth.py --database $(BENCH_DATABASE_URL) --output bench/results/growth-postgresql.json
+	$(BIN)/python bench/overhead.py --database-url $(BENCH_DATABASE_URL)
+
+# The peer the benchmarks measure against: the LiteLLM proxy, in a venv of its own, never a
+# dependency of the project; pinned with its dependencies in bench/requirements-peers.txt.
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+bench-env: $(PEERS_STAMP)
+
+$(PEERS_STAMP): bench/requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/requirements-peers.txt
+	touch $(PEERS_STAMP)
 
 # Concurrent streaming conversations for 60 s, then a row-by-row check of the database: 500 on
 # PostgreSQL (production), 300 on SQLite (a laptop). Both run even if the first fails; on

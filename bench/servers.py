@@ -1,0 +1,265 @@
+"""The processes a benchmark compares, each on a free loopback port, stopped on exit.
+
+- `direct`: the fake OpenAI-compatible upstream (`bench/upstream.py`), one reply shape per model
+  name, a wait before the first token;
+- `ours-sqlite`, `ours-postgres`: `chatbot serve` relaying to it, JWT on, the rate limit and the
+  cap on concurrent replies out of the way (a benchmark's clients are few users sending a lot);
+- `litellm`: the LiteLLM proxy from bench/.venv-peers (`make bench-env`) relaying to it, run as
+  its documentation says to run it offline, with its access log off as ours is.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from loadtest import _free_ports, _prepare_database, _stop, _wait_for_port, _wait_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fake_upstream import UTILITY_MODEL  # noqa: E402
+
+DIRECT = "direct"
+OURS = ("ours-sqlite", "ours-postgres")
+LITELLM = "litellm"
+PEERS_VENV = ROOT / "bench" / ".venv-peers"
+
+
+@dataclass(frozen=True)
+class ReplyShape:
+    """What the fake upstream answers to one model name, after its wait for the first token."""
+
+    model: str
+    tokens: int
+    per_second: float
+
+    def seconds(self, ttft_ms: float) -> float:
+        return ttft_ms / 1000 + (self.tokens - 1) / self.per_second
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model, "tokens": self.tokens, "per_second": self.per_second}
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+    pid: int
+
+
+class Servers:
+    """`with Servers(...) as servers:` starts the named servers (the upstream always) and
+    waits until each answers; leaving the block stops them."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        names: list[str],
+        shapes: list[ReplyShape],
+        ttft_ms: float,
+        database_url: str,
+        pg_database: str,
+        peers_venv: Path = PEERS_VENV,
+    ) -> None:
+        self.workdir, self.names, self.shapes, self.ttft_ms = workdir, names, shapes, ttft_ms
+        self.database_url, self.pg_database, self.peers_venv = (
+            database_url,
+            pg_database,
+            peers_venv,
+        )
+        self.jwt_secret = secrets.token_urlsafe(48)
+        self.master_key = "sk-bench-" + secrets.token_hex(16)
+        self.servers: dict[str, Server] = {}
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs = contextlib.ExitStack()
+
+    def __enter__(self) -> "Servers":
+        litellm = self.peers_venv / "bin" / "litellm"
+        if LITELLM in self.names and not litellm.exists():
+            raise SystemExit(f"{litellm} is missing: run `make bench-env` first")
+        ports = dict(zip([DIRECT, *OURS, LITELLM], _free_ports(4), strict=True))
+        try:
+            self._start(DIRECT, ports[DIRECT], self._upstream_command(ports[DIRECT]), ROOT)
+            for name in OURS:
+                if name in self.names:
+                    env = self._service_env(name, ports[name], ports[DIRECT])
+                    subprocess.run(
+                        [sys.executable, "-m", "chatbot", "migrate"],
+                        env=env,
+                        cwd=ROOT,
+                        check=True,
+                        capture_output=True,
+                    )
+                    self._start(
+                        name, ports[name], [sys.executable, "-m", "chatbot", "serve"], ROOT, env
+                    )
+            if LITELLM in self.names:
+                command = [str(litellm), *self._litellm_options(ports[LITELLM], ports[DIRECT])]
+                self._start(LITELLM, ports[LITELLM], command, self.workdir, self._litellm_env())
+            _wait_for_port(ports[DIRECT], self._processes[DIRECT], "the fake upstream")
+            for name in OURS:
+                if name in self._processes:
+                    _wait_ready(f"http://127.0.0.1:{ports[name]}", self._processes[name])
+            if LITELLM in self._processes:
+                _wait_http(
+                    f"http://127.0.0.1:{ports[LITELLM]}/health/liveliness",
+                    self._processes[LITELLM],
+                    "LiteLLM",
+                    120,
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for process in self._processes.values():
+            _stop(process, grace_seconds=15)
+        self._logs.close()
+
+    def check_alive(self) -> None:
+        for name, process in self._processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode} during the run")
+
+    def litellm_version(self) -> str | None:
+        if LITELLM not in self.servers:
+            return None
+        return subprocess.run(  # noqa: S603
+            [
+                self.peers_venv / "bin" / "python",
+                "-c",
+                "import importlib.metadata as m; print(m.version('litellm'))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    def _start(
+        self,
+        name: str,
+        port: int,
+        command: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        log = self._logs.enter_context((self.workdir / f"{name}.log").open("wb"))
+        process = subprocess.Popen(  # noqa: S603
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+        )
+        self._processes[name] = process
+        self.servers[name] = Server(name, port, process.pid)
+
+    def _upstream_command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            str(ROOT / "bench" / "upstream.py"),
+            f"--port={port}",
+            f"--ttft-ms={self.ttft_ms}",
+            *(f"--reply={s.model}:{s.tokens}:{s.per_second:g}" for s in self.shapes),
+        ]
+
+    def _service_env(self, name: str, port: int, upstream_port: int) -> dict[str, str]:
+        if name == "ours-sqlite":
+            database_url = f"sqlite+aiosqlite:///{self.workdir}/{name}.db"
+        else:
+            database_url = asyncio.run(
+                _prepare_database(self.database_url, self.pg_database, self.workdir)
+            )
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "CHATBOT_AUTO_MIGRATE": "false",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+            "OPENAI_API_KEY": "bench",
+            "CHATBOT_MODEL": self.shapes[0].model,
+            "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
+            "CHATBOT_JWT_SECRET": self.jwt_secret,
+            "CHATBOT_AUTH": "jwt",
+            "CHATBOT_HOST": "127.0.0.1",
+            "CHATBOT_PORT": str(port),
+            "CHATBOT_LOG_LEVEL": "WARNING",
+            "CHATBOT_RATE_LIMIT": "1000000/minute",
+            "CHATBOT_MAX_CONCURRENT_REPLIES": "1000",
+        }
+        env.pop("REDIS_URL", None)
+        return env
+
+    def _litellm_options(self, port: int, upstream_port: int) -> list[str]:
+        """Its config (JSON is YAML): each model name to the upstream's model of that name."""
+        config = self.workdir / "litellm.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "model_list": [
+                        {
+                            "model_name": shape.model,
+                            "litellm_params": {
+                                "model": f"openai/{shape.model}",
+                                "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                                "api_key": "bench",
+                            },
+                        }
+                        for shape in self.shapes
+                    ]
+                },
+                indent=2,
+            )
+        )
+        logging_config = self.workdir / "litellm-logging.json"
+        logging_config.write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "disable_existing_loggers": False,
+                    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+                    "loggers": {
+                        name: {"handlers": ["stderr"], "level": "WARNING", "propagate": False}
+                        for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+                    },
+                }
+            )
+        )
+        return [
+            f"--config={config}",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--log_config={logging_config}",
+        ]
+
+    def _litellm_env(self) -> dict[str, str]:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("CHATBOT_", "OPENAI_", "DATABASE_", "REDIS_", "LITELLM_"))
+        }
+        env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY=self.master_key)
+        return env
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} during start-up")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become ready")
