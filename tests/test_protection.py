@@ -166,6 +166,14 @@ async def test_concurrent_replies_are_capped_per_user(start_service: Any) -> Non
         assert third.json()["code"] == "too_many_replies"
         assert third.headers["retry-after"]
         assert await service.messages(conversations[2]["id"]) == []
+        # A turn that starts its own conversation is held to the same cap, and leaves nothing.
+        fresh = await service.client.post(
+            "/v1/chat", json={"message": "a new one"}, headers=service.auth()
+        )
+        assert fresh.status_code == 429
+        assert fresh.json()["code"] == "too_many_replies"
+        listed = await service.client.get("/v1/conversations", headers=service.auth())
+        assert len(listed.json()["data"]) == 3
         other_user = await service.create_conversation("bob")
         bob = await service.client.post(
             f"/v1/conversations/{other_user['id']}/messages",

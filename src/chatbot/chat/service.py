@@ -152,7 +152,14 @@ class ChatService:
         try:
             await self._session.flush()
             return await self._begin(
-                conversation, body.message, body, assistant_id, started, key, request_hash
+                conversation,
+                body.message,
+                body,
+                assistant_id,
+                started,
+                key,
+                request_hash,
+                new_conversation=True,
             )
         except IntegrityError:
             if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
@@ -210,17 +217,25 @@ class ChatService:
     async def _reserve(
         self, user_id: str, conversation_id: uuid.UUID, assistant_id: uuid.UUID
     ) -> Conversation:
-        """Claim the conversation for this turn; 409 while another reply is generated."""
+        """Claim the conversation for this turn; 409 while another reply is generated, 429
+        when the user has as many replies under way as allowed."""
         claimed = await conversations.claim_reply(
-            self._session, user_id, conversation_id, assistant_id
+            self._session,
+            user_id,
+            conversation_id,
+            assistant_id,
+            max_running=self._settings.max_concurrent_replies,
         )
         if claimed is not None:
             return claimed
-        if not await conversations.exists(self._session, user_id, conversation_id):
+        busy = await conversations.busy(self._session, user_id, conversation_id)
+        if busy is None:
             raise conversation_not_found()
-        raise Conflict(
-            "A reply is still being generated in this conversation", code="reply_in_progress"
-        )
+        if busy:
+            raise Conflict(
+                "A reply is still being generated in this conversation", code="reply_in_progress"
+            )
+        raise quotas.too_many_replies(self._settings)
 
     async def _begin(
         self,
@@ -231,6 +246,8 @@ class ChatService:
         started: float,
         key: str | None,
         request_hash: str,
+        *,
+        new_conversation: bool = False,
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
@@ -244,7 +261,12 @@ class ChatService:
             max_output_tokens=options.max_output_tokens,
         )
         await quotas.check_turn(
-            self._session, self._settings, conversation.user_id, context.total_tokens
+            self._session,
+            self._settings,
+            conversation.user_id,
+            context.total_tokens,
+            # The claim of an existing conversation counted the running replies already.
+            count_running=new_conversation,
         )
         now = utcnow()
         user_message = Message(

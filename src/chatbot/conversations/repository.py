@@ -1,8 +1,9 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from chatbot.conversations.models import Conversation
 from chatbot.db import utcnow
@@ -53,13 +54,26 @@ async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uui
 
 
 async def claim_reply(
-    session: AsyncSession, user_id: str, conversation_id: uuid.UUID, reply_id: uuid.UUID
+    session: AsyncSession,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    reply_id: uuid.UUID,
+    *,
+    max_running: int,
 ) -> Conversation | None:
-    """Claim an idle conversation for one reply and two message positions, atomically.
+    """Claim an idle conversation for one reply and two message positions, atomically, if the
+    user has fewer than `max_running` replies under way: one round trip on the way to the model.
 
     The conditional update is the whole lock: a concurrent turn finds `active_reply_id` set,
     on SQLite and PostgreSQL alike, across any number of instances.
     """
+    others = aliased(Conversation)
+    running = (
+        select(func.count())
+        .select_from(others)
+        .where(others.user_id == user_id, others.active_reply_id.is_not(None))
+        .scalar_subquery()
+    )
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
         update(Conversation)
@@ -67,6 +81,7 @@ async def claim_reply(
             Conversation.id == conversation_id,
             Conversation.user_id == user_id,
             Conversation.active_reply_id.is_(None),
+            running < max_running,
         )
         .values(
             active_reply_id=reply_id,
@@ -100,9 +115,15 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
 
 
 async def exists(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool:
-    found = await session.scalar(
-        select(Conversation.id).where(
+    return await busy(session, user_id, conversation_id) is not None
+
+
+async def busy(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool | None:
+    """Whether the user's conversation has a reply under way; None if there is no such one."""
+    row = await session.execute(
+        select(Conversation.active_reply_id).where(
             Conversation.id == conversation_id, Conversation.user_id == user_id
         )
     )
-    return found is not None
+    found = row.first()
+    return None if found is None else found[0] is not None

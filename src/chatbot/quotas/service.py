@@ -81,22 +81,33 @@ def _until_midnight() -> float:
     return (tomorrow - now).total_seconds()
 
 
-async def check_turn(
-    session: AsyncSession, settings: Settings, user_id: str, prompt_tokens: int
-) -> None:
-    """Before a reply starts: a free slot among the user's concurrent replies, and quota left."""
-    running = await session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Conversation.user_id == user_id, Message.status == MessageStatus.IN_PROGRESS)
+def too_many_replies(settings: Settings) -> "TooManyRequests":
+    return TooManyRequests(
+        f"At most {settings.max_concurrent_replies} replies may run at once",
+        code="too_many_replies",
+        headers=_retry_after(1),
     )
-    if running and running >= settings.max_concurrent_replies:
-        raise TooManyRequests(
-            f"At most {settings.max_concurrent_replies} replies may run at once",
-            code="too_many_replies",
-            headers=_retry_after(1),
+
+
+async def check_turn(
+    session: AsyncSession,
+    settings: Settings,
+    user_id: str,
+    prompt_tokens: int,
+    *,
+    count_running: bool = True,
+) -> None:
+    """Before a reply starts: a free slot among the user's concurrent replies (unless the claim
+    of the conversation already made sure of it), and quota left."""
+    if count_running:
+        running = await session.scalar(
+            select(func.count())
+            .select_from(Message)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Conversation.user_id == user_id, Message.status == MessageStatus.IN_PROGRESS)
         )
+        if running and running >= settings.max_concurrent_replies:
+            raise too_many_replies(settings)
     quota = settings.daily_token_quota
     if quota is None:
         return
