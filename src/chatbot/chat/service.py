@@ -134,6 +134,10 @@ class ChatService:
         request_hash = _request_hash("new", body)
         if key and (turn := await self._replay(user_id, key, request_hash)):
             return turn
+        # The same cap the claim of an existing conversation applies.
+        running = await conversations.running_replies(self._session, user_id)
+        if running >= self._settings.max_concurrent_replies:
+            raise quotas.too_many_replies(self._settings)
         assistant_id = uuid.uuid4()
         conversation = new_conversation(
             user_id,
@@ -152,14 +156,7 @@ class ChatService:
         try:
             await self._session.flush()
             return await self._begin(
-                conversation,
-                body.message,
-                body,
-                assistant_id,
-                started,
-                key,
-                request_hash,
-                new_conversation=True,
+                conversation, body.message, body, assistant_id, started, key, request_hash
             )
         except IntegrityError:
             if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
@@ -246,8 +243,6 @@ class ChatService:
         started: float,
         key: str | None,
         request_hash: str,
-        *,
-        new_conversation: bool = False,
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
@@ -261,12 +256,7 @@ class ChatService:
             max_output_tokens=options.max_output_tokens,
         )
         await quotas.check_turn(
-            self._session,
-            self._settings,
-            conversation.user_id,
-            context.total_tokens,
-            # The claim of an existing conversation counted the running replies already.
-            count_running=new_conversation,
+            self._session, self._settings, conversation.user_id, context.total_tokens
         )
         now = utcnow()
         user_message = Message(

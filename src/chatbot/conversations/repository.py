@@ -1,7 +1,7 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -67,13 +67,6 @@ async def claim_reply(
     The conditional update is the whole lock: a concurrent turn finds `active_reply_id` set,
     on SQLite and PostgreSQL alike, across any number of instances.
     """
-    others = aliased(Conversation)
-    running = (
-        select(func.count())
-        .select_from(others)
-        .where(others.user_id == user_id, others.active_reply_id.is_not(None))
-        .scalar_subquery()
-    )
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
         update(Conversation)
@@ -81,7 +74,7 @@ async def claim_reply(
             Conversation.id == conversation_id,
             Conversation.user_id == user_id,
             Conversation.active_reply_id.is_(None),
-            running < max_running,
+            _running_replies(user_id).scalar_subquery() < max_running,
         )
         .values(
             active_reply_id=reply_id,
@@ -114,8 +107,18 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
     )
 
 
-async def exists(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool:
-    return await busy(session, user_id, conversation_id) is not None
+def _running_replies(user_id: str) -> Select[int]:
+    """How many of the user's conversations have a reply under way."""
+    others = aliased(Conversation)
+    return (
+        select(func.count())
+        .select_from(others)
+        .where(others.user_id == user_id, others.active_reply_id.is_not(None))
+    )
+
+
+async def running_replies(session: AsyncSession, user_id: str) -> int:
+    return await session.scalar(_running_replies(user_id)) or 0
 
 
 async def busy(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool | None:

@@ -12,15 +12,13 @@ from datetime import UTC, date, datetime, timedelta
 
 from limits import RateLimitItem, parse, storage
 from limits.aio.strategies import MovingWindowRateLimiter
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.config import Settings
-from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
-from chatbot.messages.models import Message, MessageStatus
 from chatbot.quotas.models import DailyUsage
 
 logger = logging.getLogger(__name__)
@@ -90,24 +88,10 @@ def too_many_replies(settings: Settings) -> "TooManyRequests":
 
 
 async def check_turn(
-    session: AsyncSession,
-    settings: Settings,
-    user_id: str,
-    prompt_tokens: int,
-    *,
-    count_running: bool = True,
+    session: AsyncSession, settings: Settings, user_id: str, prompt_tokens: int
 ) -> None:
-    """Before a reply starts: a free slot among the user's concurrent replies (unless the claim
-    of the conversation already made sure of it), and quota left."""
-    if count_running:
-        running = await session.scalar(
-            select(func.count())
-            .select_from(Message)
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(Conversation.user_id == user_id, Message.status == MessageStatus.IN_PROGRESS)
-        )
-        if running and running >= settings.max_concurrent_replies:
-            raise too_many_replies(settings)
+    """Before a reply starts: quota left for its prompt. (The cap on concurrent replies is
+    checked where a conversation is claimed or created.)"""
     quota = settings.daily_token_quota
     if quota is None:
         return
