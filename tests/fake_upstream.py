@@ -31,6 +31,8 @@ class Reply:
     drop_after: int | None = None
     hang_after: int | None = None
     garbage_after: int | None = None
+    open_after_done: bool = False
+    """Keep the body open after `[DONE]` instead of ending it."""
     finish_reason: str = "stop"
     usage: bool = True
     model: str = "fake-model"
@@ -41,6 +43,8 @@ class ReceivedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    client_port: int = 0
+    """The client's end of the connection: requests that share it came over one connection."""
 
 
 UTILITY_MODEL = "utility-model"
@@ -111,7 +115,7 @@ class FakeUpstream:
                 headers[name.strip().lower()] = value.strip()
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         body = json.loads(raw) if raw else {}
-        received = ReceivedRequest(path, headers, body)
+        received = ReceivedRequest(path, headers, body, writer.get_extra_info("peername")[1])
         if body.get("model") == UTILITY_MODEL:
             self.utility_requests.append(received)
             reply = self.utility_script.popleft() if self.utility_script else self.utility_default
@@ -245,6 +249,8 @@ async def _stream(
     if include_usage and reply.usage:
         await event({**_chunk(reply, {}), "choices": [], "usage": _usage(reply)})
     await event("[DONE]")
+    if reply.open_after_done:
+        await asyncio.sleep(3600)
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     return True

@@ -1,5 +1,6 @@
 """The upstream request each model family gets, checked at the HTTP layer with respx."""
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,7 +12,8 @@ from chatbot.config import Settings
 from chatbot.errors import UpstreamError
 from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
-from chatbot.llm.openai_client import OpenAIChatClient, is_reasoning_model
+from chatbot.llm.openai_client import DRAIN_TIMEOUT, OpenAIChatClient, is_reasoning_model
+from tests.fake_upstream import FakeUpstream, Reply
 
 BASE_URL = "http://upstream.test/v1"
 
@@ -202,3 +204,43 @@ async def test_a_malformed_or_failing_stream_is_an_upstream_error(body: bytes) -
 
 def _chunk_line(content: str) -> bytes:
     return f"data: {json.dumps(_chunk(content))}\n\n".encode()
+
+
+async def test_a_finished_stream_leaves_its_connection_open_for_the_next(
+    upstream: FakeUpstream,
+) -> None:
+    # The end of the body follows `[DONE]`: unread, it would cost a new connection (and with a
+    # real provider a TLS handshake) at every turn.
+    settings = Settings(
+        _env_file=None,
+        openai_base_url=upstream.base_url,
+        openai_api_key="sk-x",
+        upstream_max_retries=0,
+    )
+    client = OpenAIChatClient(settings)
+    request = CompletionRequest(model="fake-model", messages=[ChatMessage("user", "hello")])
+    try:
+        for _ in range(3):
+            events = [event async for event in client.stream(request)]
+            assert isinstance(events[-1], Completion)
+    finally:
+        await client.aclose()
+    ports = {received.client_port for received in upstream.requests}
+    assert len(upstream.requests) == 3
+    assert len(ports) == 1
+
+
+async def test_a_body_left_open_after_done_does_not_hold_the_reply(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.queue(Reply(tokens=["Hi"], open_after_done=True))
+    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, upstream_max_retries=0)
+    client = OpenAIChatClient(settings)
+    request = CompletionRequest(model="fake-model", messages=[ChatMessage("user", "hello")])
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT + 2):
+            events = [event async for event in client.stream(request)]
+    finally:
+        await client.aclose()
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]
+    assert isinstance(events[-1], Completion)

@@ -1,5 +1,7 @@
 """Any OpenAI-compatible Chat Completions endpoint, through the official async client."""
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +20,8 @@ logger = logging.getLogger(__name__)
 # Reasoning families reject `max_tokens` and any non-default `temperature`.
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 _MAX_UPSTREAM_DETAIL = 300
+DRAIN_TIMEOUT = 0.5
+"""How long the rest of a body after `[DONE]` may take before its connection is dropped."""
 
 
 def is_reasoning_model(model: str) -> bool:
@@ -76,8 +80,9 @@ class OpenAIChatClient:
         finish_reason: str | None = None
         usage: TokenUsage | None = None
         model: str | None = None
+        lines = response.aiter_lines()
         try:
-            async for chunk in _chunks(response.aiter_lines()):
+            async for chunk in _chunks(lines):
                 model = chunk.get("model") or model
                 if chunk.get("usage"):
                     usage = _usage(chunk["usage"])
@@ -92,6 +97,8 @@ class OpenAIChatClient:
         except (httpx.HTTPError, ValueError, TypeError, AttributeError, LookupError) as exc:
             # ValueError and friends: a chunk that is not JSON, or not the shape of a chunk.
             raise upstream_error(exc, mid_stream=True) from exc
+        else:
+            await _drain(lines)
         finally:
             await response.aclose()
         yield Completion(finish_reason=finish_reason, usage=usage, model=model)
@@ -129,6 +136,16 @@ class OpenAIChatClient:
     async def aclose(self) -> None:
         await self._client.close()
         await self._http.aclose()
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows `[DONE]` (the end of the chunked body), so that the connection goes
+    back to the pool instead of being closed: a new one to a provider costs a TLS handshake.
+    An upstream that keeps the body open after `[DONE]` loses its connection instead."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            async for _ in lines:
+                pass
 
 
 async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
