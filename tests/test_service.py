@@ -1,23 +1,27 @@
 """Starting the service: demo model, migrations, the command line, settings."""
 
 import asyncio
+import signal
+import socket
 import subprocess
 import sys
 import uuid
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, select
 
+from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings, normalize_database_url
 from chatbot.conversations.models import Conversation
 from chatbot.db import Base, create_engine, migrate
 from chatbot.messages.models import Message, MessageStatus, Role
-from tests.conftest import JWT_SECRET, collect_events
-from tests.fake_upstream import Reply
+from tests.conftest import JWT_SECRET, collect_events, eventually
+from tests.fake_upstream import FakeUpstream, Reply
 
 
 async def test_demo_model_answers_when_no_provider_is_configured(start_service: Any) -> None:
@@ -136,3 +140,51 @@ async def test_shutdown_stores_a_running_reply_as_incomplete(start_service: Any)
         await engine.dispose()
     assert rows == [(MessageStatus.INCOMPLETE, "one")]
     assert active is None
+
+
+async def test_serve_with_two_workers_answers_and_redacts_each_workers_log(
+    tmp_path: Any, upstream: FakeUpstream
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "CHATBOT_JWT_SECRET": JWT_SECRET,
+        "CHATBOT_PORT": str(port),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatbot", "serve", "--workers", "2",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await eventually(lambda: _answers(client), 30)
+            token = issue_token(Settings(_env_file=None, jwt_secret=JWT_SECRET), "alice")
+            headers = {"Authorization": f"Bearer {token}"}
+            # Several turns, so that both workers (one socket, two processes) serve some.
+            for index in range(6):
+                response = await client.post(
+                    "/v1/chat", json={"message": f"hello {index}"}, headers=headers
+                )
+                assert response.status_code == 201, response.text
+                assert response.json()["assistant_message"]["status"] == "completed"
+            await client.get("/healthz", params={"access_token": "not-for-the-log"})
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    log = output.decode()  # uvicorn's access log goes to stdout
+    assert log.count("Application startup complete") == 2, log
+    assert "access_token=[redacted]" in log
+    assert "not-for-the-log" not in log
+    assert len(upstream.requests) >= 6
+
+
+async def _answers(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -3,10 +3,15 @@
 import argparse
 import asyncio
 import logging
+import os
 import re
 import sys
+from typing import TYPE_CHECKING, Any
 
 from chatbot.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class RedactTokens(logging.Filter):
@@ -23,19 +28,50 @@ class RedactTokens(logging.Filter):
         return True
 
 
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, RedactTokens) for existing in access.filters):
+        access.addFilter(RedactTokens())
+    # Alembic announces each of its plugins at INFO; only the revisions it applies are news.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def worker_app() -> "FastAPI":
+    """The app of one worker process (`uvicorn --factory`): a process of its own, so it reads
+    the settings and sets up logging itself."""
+    from chatbot.app import create_app
+
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
 
     from chatbot.app import create_app
 
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    settings.check_startup()
+    if settings.should_auto_migrate:
+        # Once, here, rather than by every worker at once.
+        _migrate(settings)
+        os.environ["CHATBOT_AUTO_MIGRATE"] = "false"
+    # Each worker has its own registry of running replies; a stream asked of another worker
+    # is followed through the database, as it would be on another instance.
+    uvicorn.run("chatbot.cli:worker_app", factory=True, workers=settings.workers, **options)
 
 
 def _migrate(settings: Settings) -> None:
@@ -60,10 +96,21 @@ def _token(settings: Settings, user_id: str, ttl_seconds: int) -> None:
     print(issue_token(settings, user_id, ttl_seconds=ttl_seconds))
 
 
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError("a whole number from 1 to 64")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="start the HTTP service")
+    serve = commands.add_parser("serve", help="start the HTTP service")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="worker processes, 1 to 64 (default: CHATBOT_WORKERS, else 1)",
+    )
     commands.add_parser("migrate", help="apply database migrations")
     token = commands.add_parser("token", help="print a JWT for local testing")
     token.add_argument("user_id")
@@ -71,13 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
-    # Alembic announces each of its plugins at INFO; only the revisions it applies are news.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    if getattr(args, "workers", None) is not None:
+        settings = Settings(workers=args.workers)
+    configure_logging(settings)
     try:
         if args.command == "serve":
             _serve(settings)
