@@ -1,6 +1,7 @@
 """Starting the service: demo model, migrations, the command line, settings."""
 
 import asyncio
+import inspect
 import signal
 import socket
 import subprocess
@@ -13,8 +14,11 @@ import jwt
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import iter_route_contexts
 from sqlalchemy import Connection, select
 
+from chatbot.app import create_app
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings, normalize_database_url
 from chatbot.conversations.models import Conversation
@@ -188,3 +192,26 @@ async def _answers(client: httpx.AsyncClient) -> bool:
         return (await client.get("/healthz")).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_no_dependency_waits_for_a_thread() -> None:
+    # FastAPI runs a plain `def` dependency in its thread pool: a hand-off to a thread and back
+    # on every request, for what is a dictionary lookup. Every one of ours is `async def`.
+    app = create_app(Settings(_env_file=None))
+    sync = set()
+
+    def walk(dependant: Dependant) -> None:
+        for dependency in dependant.dependencies:
+            call = dependency.call
+            if call is not None and not (
+                inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+            ):
+                sync.add(getattr(call, "__qualname__", repr(call)))
+            walk(dependency)
+
+    contexts = iter_route_contexts(app.routes)
+    routes = [route for route in contexts if getattr(route, "dependant", None) is not None]
+    assert len(routes) > 10
+    for route in routes:
+        walk(route.dependant)
+    assert sync == set()

@@ -1,6 +1,9 @@
-"""Typed dependencies for what the lifespan builds; tests swap them via dependency_overrides."""
+"""Typed dependencies for what the lifespan builds; tests swap them via dependency_overrides.
 
-from collections.abc import AsyncIterator, Callable
+Every dependency is `async def`, however trivial: FastAPI runs a plain `def` in its thread pool,
+a hand-off to a thread and back on every request."""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -16,24 +19,26 @@ from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry
 
 
-def app_state(name: str) -> Callable[[Request], Any]:
+def app_state(name: str) -> Callable[[Request], Awaitable[Any]]:
     """A dependency returning what the lifespan stored as `app.state.<name>`."""
 
-    def get(request: Request) -> Any:
+    async def get(request: Request) -> Any:
         return getattr(request.app.state, name)
 
     get.__name__ = f"get_{name}"
     return get
 
 
-get_settings: Callable[[Request], Settings] = app_state("settings")
-get_sessionmaker: Callable[[Request], async_sessionmaker[AsyncSession]] = app_state("sessionmaker")
-get_llm: Callable[[Request], LLMClient] = app_state("llm")
-get_registry: Callable[[Request], ReplyRegistry] = app_state("registry")
-get_profiles: Callable[[Request], PromptProfiles] = app_state("profiles")
-get_context_builder: Callable[[Request], ContextBuilder] = app_state("context_builder")
-get_follower: Callable[[Request], ReplyFollower] = app_state("follower")
-get_stream_signer: Callable[[Request], StreamTokenSigner] = app_state("stream_signer")
+get_settings: Callable[[Request], Awaitable[Settings]] = app_state("settings")
+get_sessionmaker: Callable[[Request], Awaitable[async_sessionmaker[AsyncSession]]] = app_state(
+    "sessionmaker"
+)
+get_llm: Callable[[Request], Awaitable[LLMClient]] = app_state("llm")
+get_registry: Callable[[Request], Awaitable[ReplyRegistry]] = app_state("registry")
+get_profiles: Callable[[Request], Awaitable[PromptProfiles]] = app_state("profiles")
+get_context_builder: Callable[[Request], Awaitable[ContextBuilder]] = app_state("context_builder")
+get_follower: Callable[[Request], Awaitable[ReplyFollower]] = app_state("follower")
+get_stream_signer: Callable[[Request], Awaitable[StreamTokenSigner]] = app_state("stream_signer")
 
 
 async def get_session(
@@ -43,7 +48,7 @@ async def get_session(
         yield session
 
 
-def reject_repeated_query(request: Request) -> None:
+async def reject_repeated_query(request: Request) -> None:
     """Every query parameter here takes one value: `?model=a&model=b` is refused, not guessed at."""
     params = request.query_params
     if len(params.multi_items()) > len(params):  # len() counts distinct names

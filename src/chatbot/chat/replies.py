@@ -7,8 +7,10 @@ from fastapi import Request, Response, status
 from fastapi.responses import JSONResponse
 from sse_starlette import ServerSentEvent
 
+from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.schemas import BackgroundTurnOut
 from chatbot.chat.service import Turn
+from chatbot.config import Settings
 from chatbot.deps import FollowerDep, RegistryDep, SettingsDep, StreamSignerDep
 from chatbot.errors import PROBLEM_JSON
 from chatbot.streams.follow import ReplyFollower
@@ -19,10 +21,10 @@ from chatbot.streams.sse import reply_events, start_event, stream_response, stre
 class Replies:
     def __init__(
         self,
-        settings: SettingsDep,
-        follower: FollowerDep,
-        registry: RegistryDep,
-        signer: StreamSignerDep,
+        settings: Settings,
+        follower: ReplyFollower,
+        registry: ReplyRegistry,
+        signer: StreamTokenSigner,
     ) -> None:
         self._settings = settings
         self._follower: ReplyFollower = follower
@@ -92,3 +94,9 @@ class Replies:
         finally:
             if not finished:
                 await self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)
+
+
+async def get_replies(
+    settings: SettingsDep, follower: FollowerDep, registry: RegistryDep, signer: StreamSignerDep
+) -> Replies:
+    return Replies(settings, follower, registry, signer)

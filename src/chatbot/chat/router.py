@@ -1,11 +1,11 @@
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from chatbot.auth.deps import CurrentUser, StreamingUser
 from chatbot.chat.generation import ReplyRunner
-from chatbot.chat.replies import Replies
+from chatbot.chat.replies import Replies, get_replies
 from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
 from chatbot.chat.service import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -30,10 +30,10 @@ from chatbot.validation import ModelName, NonBlankText
 router = APIRouter(tags=["chat"])
 
 
-get_runner: Callable[[Request], ReplyRunner] = app_state("runner")
+get_runner: Callable[[Request], Awaitable[ReplyRunner]] = app_state("runner")
 
 
-def get_chat_service(
+async def get_chat_service(
     settings: SettingsDep,
     session: SessionDep,
     runner: Annotated[ReplyRunner, Depends(get_runner)],
@@ -45,7 +45,7 @@ def get_chat_service(
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
-RepliesDep = Annotated[Replies, Depends()]
+RepliesDep = Annotated[Replies, Depends(get_replies)]
 StreamFlag = Annotated[
     bool, Query(description="Answer as Server-Sent Events (same as Accept: text/event-stream)")
 ]
