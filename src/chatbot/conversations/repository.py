@@ -1,9 +1,9 @@
 import uuid
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Select, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from chatbot.conversations.models import Conversation
 from chatbot.db import utcnow
@@ -83,7 +83,8 @@ async def claim_reply(
             last_message_at=now,
         )
         .returning(Conversation)
-        .execution_options(populate_existing=True)
+        # The returned row is the state; matching it against loaded objects costs CPU for nothing.
+        .execution_options(populate_existing=True, synchronize_session=False)
     )
     return claimed
 
@@ -96,6 +97,7 @@ async def release_reply(
         update(Conversation)
         .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
         .values(active_reply_id=None, updated_at=now, last_message_at=now)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -107,13 +109,15 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
     )
 
 
+_others = cast(Table, Conversation.__table__).alias("others")
+
+
 def _running_replies(user_id: str) -> Select[int]:
     """How many of the user's conversations have a reply under way."""
-    others = aliased(Conversation)
     return (
         select(func.count())
-        .select_from(others)
-        .where(others.user_id == user_id, others.active_reply_id.is_not(None))
+        .select_from(_others)
+        .where(_others.c.user_id == user_id, _others.c.active_reply_id.is_not(None))
     )
 
 
