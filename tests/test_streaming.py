@@ -2,14 +2,15 @@
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 from sse_starlette import ServerSentEvent
 
-from chatbot.streams.registry import Delta
-from chatbot.streams.sse import delta_event
+from chatbot.streams.registry import Delta, Generation, Outcome
+from chatbot.streams.sse import delta_event, reply_events
 from tests.conftest import Service, collect_events, final_reply, read_events
 from tests.fake_upstream import Reply
 
@@ -256,3 +257,24 @@ def test_a_hand_encoded_delta_is_the_event_sse_starlette_would_send(text: str) -
         data=json.dumps({"content": text}, ensure_ascii=False, separators=(",", ":")),
     ).encode()
     assert delta_event("m:", Delta(text, 7)) == expected
+
+
+async def test_deltas_that_waited_for_a_busy_follower_go_out_in_one_write() -> None:
+    # A follower that fell behind catches up with one send, not one per delta; every delta is
+    # still its own event, with its own id, in order.
+    message_id = uuid.uuid4()
+    generation = Generation(message_id, uuid.uuid4(), "alice")
+    for piece in ("Once", " upon", " a"):
+        generation.append(piece)
+    events = reply_events(message_id, generation.follow())
+    first = await anext(events)
+    assert first == b"".join(
+        delta_event(f"{message_id}:", delta)
+        for delta in (Delta("Once", 4), Delta(" upon", 9), Delta(" a", 11))
+    )
+    generation.append(" time")
+    assert await anext(events) == delta_event(f"{message_id}:", Delta(" time", 16))
+    generation.finish(Outcome(message={"id": str(message_id), "content": "Once upon a time"}))
+    done = await anext(events)
+    assert isinstance(done, ServerSentEvent)
+    assert done.event == "done"

@@ -10,7 +10,7 @@ from chatbot.errors import problem
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus
 from chatbot.messages.schemas import MessageOut
-from chatbot.streams.registry import Delta, Outcome, ReplyRegistry
+from chatbot.streams.registry import Delta, Deltas, Outcome, ReplyRegistry
 
 _FAILED = (MessageStatus.FAILED, MessageStatus.INCOMPLETE)
 
@@ -46,7 +46,7 @@ class ReplyFollower:
 
     async def events(
         self, message_id: uuid.UUID, starting_after: int = 0
-    ) -> AsyncIterator[Delta | Outcome]:
+    ) -> AsyncIterator[Deltas | Outcome]:
         """The reply from character `starting_after` on, then its outcome.
 
         A reply running in this process is followed delta by delta. Otherwise the database
@@ -74,7 +74,7 @@ class ReplyFollower:
                 )
                 return
             if len(message.content) > delivered:
-                yield Delta(message.content[delivered:], len(message.content))
+                yield (Delta(message.content[delivered:], len(message.content)),)
                 delivered = len(message.content)
             if message.status is not MessageStatus.IN_PROGRESS:
                 yield outcome_of(message)

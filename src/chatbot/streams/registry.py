@@ -25,6 +25,10 @@ class Delta:
     """Characters delivered once this delta is applied."""
 
 
+Deltas = tuple[Delta, ...]
+"""Deltas in order, available at the same moment."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How a reply ended: the stored message, and the problem document if it failed."""
@@ -89,19 +93,25 @@ class Generation:
             await self._changed.wait()
         return self._outcome
 
-    async def follow(self, starting_after: int = 0) -> AsyncIterator[Delta | Outcome]:
-        """Every delta after character `starting_after`, as it arrives, then the outcome."""
+    async def follow(self, starting_after: int = 0) -> AsyncIterator[Deltas | Outcome]:
+        """Every delta after character `starting_after`, as it arrives, then the outcome.
+
+        The deltas that arrived since the follower last woke come together: a follower that
+        falls behind (a busy process) catches up in one send, not one send per delta."""
         index = bisect.bisect_right(self._ends, starting_after)
         while True:
             changed = self._changed
+            batch = []
             while index < len(self._pieces):
                 piece, end = self._pieces[index], self._ends[index]
                 start = end - len(piece)
                 if starting_after > start:
                     piece = piece[starting_after - start :]
                 if piece:
-                    yield Delta(piece, end)
+                    batch.append(Delta(piece, end))
                 index += 1
+            if batch:
+                yield tuple(batch)
             if self._outcome is not None:
                 yield self._outcome
                 return

@@ -15,7 +15,7 @@ from starlette.types import Message, Send
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.errors import BadRequest
-from chatbot.streams.registry import Delta, Outcome
+from chatbot.streams.registry import Delta, Deltas, Outcome
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 EVENT_ID_PATTERN = r"^([0-9a-fA-F-]{36}):(\d{1,12})$"
@@ -75,7 +75,7 @@ def delta_event(event_id_prefix: str, delta: Delta) -> bytes:
 
 async def reply_events(
     message_id: uuid.UUID,
-    items: AsyncIterator[Delta | Outcome],
+    items: AsyncIterator[Deltas | Outcome],
     start: ServerSentEvent | None = None,
 ) -> AsyncIterator[ServerSentEvent | bytes]:
     """Deltas come as bytes ready for the wire; the other events as `ServerSentEvent`."""
@@ -83,8 +83,9 @@ async def reply_events(
         yield start
     prefix = f"{message_id}:"
     async for item in items:
-        if isinstance(item, Delta):
-            yield delta_event(prefix, item)
+        if isinstance(item, tuple):
+            # Several deltas that were waiting go out in one write, each its own event.
+            yield b"".join([delta_event(prefix, delta) for delta in item])
         elif item.problem is not None:
             yield ServerSentEvent(event="error", data=_json(item.problem))
         else:
