@@ -28,12 +28,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Benchmarks (not part of `make test`): results land in bench/results/.
+# Benchmarks (not part of `make test`): each scenario writes its part of
+# bench/results/latest.json and latest.md, which the README quotes. About 20 minutes.
 BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 bench: install bench-env
-	$(BIN)/python bench/growth.py --database sqlite --output bench/results/growth-sqlite.json
-	$(BIN)/python bench/growth.py --database $(BENCH_DATABASE_URL) --output bench/results/growth-postgresql.json
 	$(BIN)/python bench/overhead.py --database-url $(BENCH_DATABASE_URL)
+	$(BIN)/python bench/capacity.py --database-url $(BENCH_DATABASE_URL)
+	$(BIN)/python bench/throughput.py --database-url $(BENCH_DATABASE_URL)
+	$(BIN)/python bench/growth.py --databases sqlite,$(BENCH_DATABASE_URL)
 
 # The peer the benchmarks measure against: the LiteLLM proxy, in a venv of its own, never a
 # dependency of the project; pinned with its dependencies in bench/requirements-peers.txt.

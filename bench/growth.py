@@ -1,18 +1,22 @@
-"""Growth: the server-side time of a chat turn at 10 and at 10,000 stored messages.
+"""Growth: the time of a chat turn at 10, 1,000 and 10,000 stored messages.
 
 The service runs as its own process (`chatbot serve`) against an instant fake upstream, on SQLite
-or PostgreSQL. Two conversations are seeded, one short and one long; the long one has the rolling
+and then on PostgreSQL. One conversation of each size is seeded; the long ones have the rolling
 summary a conversation of that length would have (everything but its last 60 messages), as in
-steady state. Turns then alternate between them (short, long, short, long...) so that noise on a
-shared machine hits both alike, and the medians are compared.
+steady state. Turns then go round them (10, 1,000, 10,000, 10, ...) so that noise on a shared
+machine hits every size alike, and the medians are compared. Two times are kept: the round trip
+of the JSON request as the client sees it, and the turn's `latency_ms` as the service stored it
+(from the request's arrival to the stored reply).
 
-    python bench/growth.py --database sqlite --turns 200
-    python bench/growth.py --database postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/growth.py                                   # both databases, about 1 minute
+    python bench/growth.py --databases sqlite --turns 50     # a quick look
+
+Writes its part of bench/results/latest.json (key "growth") and of latest.md.
 """
 
 import argparse
 import asyncio
-import json
+import datetime
 import os
 import socket
 import statistics
@@ -30,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish  # noqa: E402
 from tests.fake_upstream import UTILITY_MODEL, FakeUpstream, Reply  # noqa: E402
 
 from chatbot.conversations.models import Conversation  # noqa: E402
@@ -37,6 +42,7 @@ from chatbot.db import create_engine, create_sessionmaker, migrate, utcnow  # no
 from chatbot.messages.models import Message, MessageStatus, Role  # noqa: E402
 
 REPLY = [" word"] * 20
+SCENARIO = "growth"
 
 
 def _free_port() -> int:
@@ -138,6 +144,7 @@ async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
             [sys.executable, "-m", "chatbot", "serve"], env=env, cwd=ROOT
         )
         timings: dict[int, list[float]] = {size: [] for size in sizes}
+        server_timings: dict[int, list[float]] = {size: [] for size in sizes}
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
                 await _wait_ready(client)
@@ -152,37 +159,90 @@ async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
                         response.raise_for_status()
                         if round_number >= 20:  # the first rounds warm up caches and pools
                             timings[size].append(elapsed)
+                            stored = response.json()["assistant_message"]["latency_ms"]
+                            server_timings[size].append(float(stored))
                         await asyncio.sleep(0.005)  # let the chores of the turn run
         finally:
             server.terminate()
             server.wait(timeout=30)
             await upstream.stop()
     medians = {size: statistics.median(values) for size, values in timings.items()}
+    server = {size: statistics.median(values) for size, values in server_timings.items()}
     return {
-        "database": "sqlite" if database == "sqlite" else "postgresql",
         "turns": turns,
-        "median_ms": {str(size): round(value, 2) for size, value in medians.items()},
-        "p95_ms": {
-            str(size): round(statistics.quantiles(values, n=20)[18], 2)
-            for size, values in timings.items()
+        "round_trip_ms": {str(size): percentiles(values) for size, values in timings.items()},
+        "server_ms": {str(size): percentiles(values) for size, values in server_timings.items()},
+        "ratio_to_smallest": {
+            str(size): round(medians[size] / medians[sizes[0]], 3) for size in sizes
         },
-        "ratio": round(medians[sizes[-1]] / medians[sizes[0]], 3),
+        "server_ratio_to_smallest": {
+            str(size): round(server[size] / server[sizes[0]], 3) for size in sizes
+        },
     }
 
 
+def _markdown(result: dict[str, Any]) -> str:
+    sizes = result["sizes"]
+    lines = [
+        "### Growth: a turn in a long conversation",
+        "",
+        f"JSON turns going round conversations of {', '.join(f'{s:,}' for s in sizes)} stored "
+        f"messages, {result['turns']} counted turns each, instant upstream. Round trip as the "
+        "client sees it; server = the `latency_ms` the service stored.",
+        "",
+        "| database | messages | round trip p50 | p95 | server p50 | ratio to "
+        f"{sizes[0]:,} (round trip) | ratio (server) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for database, row in result["databases"].items():
+        for size in sizes:
+            trip, server = row["round_trip_ms"][str(size)], row["server_ms"][str(size)]
+            lines.append(
+                f"| {database} | {size:,} | {trip['p50']:.1f} ms | {trip['p95']:.1f} ms "
+                f"| {server['p50']:.0f} ms | {row['ratio_to_smallest'][str(size)]:.2f} "
+                f"| {row['server_ratio_to_smallest'][str(size)]:.2f} |"
+            )
+    lines.append("")
+    for name, met in result["targets_met"].items():
+        lines.append(f"- {name}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--database", default="sqlite", help="'sqlite' or a PostgreSQL URL")
-    parser.add_argument("--turns", type=int, default=200)
-    parser.add_argument("--sizes", default="10,10000")
-    parser.add_argument("--output", type=Path)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--databases",
+        default="sqlite,postgresql://postgres@127.0.0.1:5432/postgres",
+        help="'sqlite' and/or PostgreSQL server URLs (chatbot_bench is recreated there)",
+    )
+    parser.add_argument("--turns", type=int, default=150)
+    parser.add_argument("--sizes", default="10,1000,10000")
+    parser.add_argument("--output", type=Path, default=LATEST_JSON)
+    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
-    result = asyncio.run(run(args.database, args.turns, sizes))
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    databases = {}
+    for database in args.databases.split(","):
+        name = "sqlite" if database == "sqlite" else "postgresql"
+        print(f"{name}: {len(sizes)} conversations, {args.turns} turns each", flush=True)
+        databases[name] = asyncio.run(run(database, args.turns, sizes))
+    largest = str(sizes[-1])
+    result = {
+        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sizes": sizes,
+        "turns": args.turns,
+        "databases": databases,
+        "targets_met": {
+            f"{name}: a turn at {sizes[-1]:,} messages within 1.2x of one at {sizes[0]:,}": (
+                row["ratio_to_smallest"][largest] <= 1.2
+            )
+            for name, row in databases.items()
+        },
+    }
+    publish(SCENARIO, result, _markdown(result), args.output, args.markdown)
+    print(_markdown(result))
 
 
 if __name__ == "__main__":

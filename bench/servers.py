@@ -4,6 +4,8 @@
   name, a wait before the first token;
 - `ours-sqlite`, `ours-postgres`: `chatbot serve` relaying to it, JWT on, the rate limit and the
   cap on concurrent replies out of the way (a benchmark's clients are few users sending a lot);
+  `ours-sqlite-x2`, `ours-postgres-x2`: the same with two worker processes (`--workers 2`), each
+  configuration on a database of its own;
 - `litellm`: the LiteLLM proxy from bench/.venv-peers (`make bench-env`) relaying to it, run as
   its documentation says to run it offline, with its access log off as ours is.
 """
@@ -56,6 +58,28 @@ class Server:
     port: int
     pid: int
 
+    def pids(self) -> list[int]:
+        """The process and its children (a service's workers)."""
+        return [self.pid, *_children(self.pid)]
+
+
+def is_ours(name: str) -> bool:
+    return name.startswith("ours-")
+
+
+def workers_of(name: str) -> int:
+    _, _, suffix = name.rpartition("-x")
+    return int(suffix) if suffix.isdigit() else 1
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_children(int(child))]
+    return found
+
 
 class Servers:
     """`with Servers(...) as servers:` starts the named servers (the upstream always) and
@@ -87,29 +111,28 @@ class Servers:
         litellm = self.peers_venv / "bin" / "litellm"
         if LITELLM in self.names and not litellm.exists():
             raise SystemExit(f"{litellm} is missing: run `make bench-env` first")
-        ports = dict(zip([DIRECT, *OURS, LITELLM], _free_ports(4), strict=True))
+        ours = [name for name in self.names if is_ours(name)]
+        everyone = [DIRECT, *ours, LITELLM]
+        ports = dict(zip(everyone, _free_ports(len(everyone)), strict=True))
         try:
             self._start(DIRECT, ports[DIRECT], self._upstream_command(ports[DIRECT]), ROOT)
-            for name in OURS:
-                if name in self.names:
-                    env = self._service_env(name, ports[name], ports[DIRECT])
-                    subprocess.run(
-                        [sys.executable, "-m", "chatbot", "migrate"],
-                        env=env,
-                        cwd=ROOT,
-                        check=True,
-                        capture_output=True,
-                    )
-                    self._start(
-                        name, ports[name], [sys.executable, "-m", "chatbot", "serve"], ROOT, env
-                    )
+            for name in ours:
+                env = self._service_env(name, ports[name], ports[DIRECT])
+                subprocess.run(
+                    [sys.executable, "-m", "chatbot", "migrate"],
+                    env=env,
+                    cwd=ROOT,
+                    check=True,
+                    capture_output=True,
+                )
+                command = [sys.executable, "-m", "chatbot", "serve"]
+                self._start(name, ports[name], command, ROOT, env)
             if LITELLM in self.names:
                 command = [str(litellm), *self._litellm_options(ports[LITELLM], ports[DIRECT])]
                 self._start(LITELLM, ports[LITELLM], command, self.workdir, self._litellm_env())
             _wait_for_port(ports[DIRECT], self._processes[DIRECT], "the fake upstream")
-            for name in OURS:
-                if name in self._processes:
-                    _wait_ready(f"http://127.0.0.1:{ports[name]}", self._processes[name])
+            for name in ours:
+                _wait_ready(f"http://127.0.0.1:{ports[name]}", self._processes[name])
             if LITELLM in self._processes:
                 _wait_http(
                     f"http://127.0.0.1:{ports[LITELLM]}/health/liveliness",
@@ -176,12 +199,12 @@ class Servers:
         ]
 
     def _service_env(self, name: str, port: int, upstream_port: int) -> dict[str, str]:
-        if name == "ours-sqlite":
+        if "sqlite" in name:
             database_url = f"sqlite+aiosqlite:///{self.workdir}/{name}.db"
         else:
-            database_url = asyncio.run(
-                _prepare_database(self.database_url, self.pg_database, self.workdir)
-            )
+            workers = workers_of(name)
+            database = self.pg_database if workers == 1 else f"{self.pg_database}_x{workers}"
+            database_url = asyncio.run(_prepare_database(self.database_url, database, self.workdir))
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -194,6 +217,7 @@ class Servers:
             "CHATBOT_AUTH": "jwt",
             "CHATBOT_HOST": "127.0.0.1",
             "CHATBOT_PORT": str(port),
+            "CHATBOT_WORKERS": str(workers_of(name)),
             "CHATBOT_LOG_LEVEL": "WARNING",
             "CHATBOT_RATE_LIMIT": "1000000/minute",
             "CHATBOT_MAX_CONCURRENT_REPLIES": "1000",
