@@ -547,8 +547,10 @@ def _markdown(result: dict[str, Any]) -> str:
         "streams); at each, every configuration still passing runs alone, in an order that "
         f"rotates, for a {method['ramp_s']:g} s ramp and a {method['window_s']:g} s counted "
         "window. Gap = time between consecutive content tokens as they reach the client (the "
-        "wait for the first token is not one: see TTFT). A level is passed with no failure and "
-        f"a p95 gap of at most {method['max_p95_gap_ms']:g} ms"
+        "wait for the first token is not one: see TTFT). A level is passed with no failure, "
+        f"a p95 gap of at most {method['max_p95_gap_ms']:g} ms, at least "
+        f"{QUEUED_SHARE:.0%} of the tokens/s offered delivered (streams waiting for their "
+        "first token are not held)"
         + (
             f" and a p95 TTFT of at most {method['max_p95_ttft_ms']:g} ms"
             if method["max_p95_ttft_ms"] is not None
