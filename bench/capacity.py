@@ -63,13 +63,24 @@ from overhead import (
     MachineLoad,
     Slot,
     Target,
-    _comma_list,
     _prepare_ours,
     _run_loop,
     _slots,
 )
-from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish
-from servers import DIRECT, LITELLM, OURS, PEERS_VENV, ReplyShape, Server, Servers, is_ours
+from report import percentiles, publish
+from servers import (
+    DIRECT,
+    LITELLM,
+    OURS,
+    PEERS_VENV,
+    ReplyShape,
+    Server,
+    Servers,
+    comma_list,
+    is_ours,
+    parse_scenario_args,
+    scenario_parser,
+)
 
 from chatbot.config import Settings
 
@@ -687,24 +698,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="PostgreSQL server on which --pg-database is dropped and created",
-    )
-    parser.add_argument("--pg-database", default="bench_capacity")
-    parser.add_argument(
-        "--targets",
-        type=_comma_list(str),
-        default=[DIRECT, *OURS, LITELLM],
-        help="which of direct, ours-sqlite, ours-postgres, litellm (direct is always on)",
-    )
+    parser = scenario_parser(__doc__, "bench_capacity", [DIRECT, *OURS, LITELLM])
     parser.add_argument(
         "--levels",
-        type=_comma_list(int),
+        type=comma_list(int),
         default=[100, 200, 400, 700, 1000, 1500, 2000, 3000],
         help="concurrent streams, tried in ascending order",
     )
@@ -730,12 +727,7 @@ def main() -> None:
         help="also require a p95 time to first token at most this (off by default)",
     )
     parser.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
-    parser.add_argument("--output", type=Path, default=LATEST_JSON)
-    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
-    parser.add_argument("--keep", action="store_true", help="keep the logs and SQLite files")
-    args = parser.parse_args()
-    if DIRECT not in args.targets:
-        args.targets.insert(0, DIRECT)
+    args = parse_scenario_args(parser)
     args.levels = sorted(set(args.levels))
     if not args.levels or args.levels[0] < 1:
         parser.error("--levels: at least one level, each at least 1")

@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,8 +44,18 @@ from typing import Any, TypeVar
 import httpx
 import jwt
 from loadtest import CLOCK_TICKS, RawStream, _cpu_seconds, _events
-from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish
-from servers import DIRECT, LITELLM, OURS, PEERS_VENV, ReplyShape, Servers
+from report import percentiles, publish
+from servers import (
+    DIRECT,
+    LITELLM,
+    OURS,
+    PEERS_VENV,
+    ReplyShape,
+    Servers,
+    comma_list,
+    parse_scenario_args,
+    scenario_parser,
+)
 
 SEQUENTIAL_MODEL = "bench-sequential"
 SCENARIO = "ttft_overhead"
@@ -652,27 +662,9 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     return run(main)
 
 
-def _comma_list(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    return lambda text: [convert(item) for item in text.split(",") if item]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="PostgreSQL server on which --pg-database is dropped and created",
-    )
-    parser.add_argument("--pg-database", default="chatbot_bench_overhead")
-    parser.add_argument(
-        "--targets",
-        type=_comma_list(str),
-        default=[DIRECT, *OURS, LITELLM],
-        help="which of direct, ours-sqlite, ours-postgres, litellm (direct is always on)",
-    )
-    parser.add_argument("--levels", type=_comma_list(int), default=[50, 200])
+    parser = scenario_parser(__doc__, "chatbot_bench_overhead", [DIRECT, *OURS, LITELLM])
+    parser.add_argument("--levels", type=comma_list(int), default=[50, 200])
     parser.add_argument("--ttft-ms", type=float, default=50, help="the upstream's wait")
     parser.add_argument(
         "--sequential-reply", default="10:200", help="TOKENS:PER_SECOND of sequential replies"
@@ -693,12 +685,7 @@ def main() -> None:
         "--window-seconds", type=float, default=4, help="counted time of each phase"
     )
     parser.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
-    parser.add_argument("--output", type=Path, default=LATEST_JSON)
-    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
-    parser.add_argument("--keep", action="store_true", help="keep the logs and SQLite file")
-    args = parser.parse_args()
-    if DIRECT not in args.targets:
-        args.targets.insert(0, DIRECT)
+    args = parse_scenario_args(parser)
 
     workdir = Path(tempfile.mkdtemp(prefix="chatbot-overhead-"))
     started = time.monotonic()

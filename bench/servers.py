@@ -10,6 +10,7 @@
   its documentation says to run it offline, with its access log off as ours is.
 """
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -18,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +27,7 @@ from typing import Any
 
 import httpx
 from loadtest import _free_ports, _prepare_database, _stop, _wait_for_port, _wait_ready
+from report import LATEST_JSON, LATEST_MARKDOWN
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -287,3 +290,40 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, seconds: f
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not become ready")
+
+
+def comma_list(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [convert(item) for item in text.split(",") if item]
+
+
+def scenario_parser(
+    doc: str | None, pg_database: str, targets: list[str]
+) -> argparse.ArgumentParser:
+    """The options of every scenario that starts servers: where PostgreSQL is, which
+    configurations run (`direct` always does, see `parse_scenario_args`), where results go."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server on which the configurations' databases are dropped and created",
+    )
+    parser.add_argument("--pg-database", default=pg_database)
+    parser.add_argument(
+        "--targets",
+        type=comma_list(str),
+        default=targets,
+        help=f"which of {', '.join(targets)} (direct is always on)",
+    )
+    parser.add_argument("--output", type=Path, default=LATEST_JSON)
+    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
+    parser.add_argument("--keep", action="store_true", help="keep the logs and SQLite files")
+    return parser
+
+
+def parse_scenario_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if DIRECT not in args.targets:
+        args.targets.insert(0, DIRECT)
+    return args

@@ -39,9 +39,17 @@ from typing import Any
 
 import jwt
 from loadtest import RawStream, _cpu_seconds
-from overhead import MachineLoad, _comma_list, _run_loop
-from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish
-from servers import DIRECT, ReplyShape, Server, Servers, is_ours
+from overhead import MachineLoad, _run_loop
+from report import percentiles, publish
+from servers import (
+    DIRECT,
+    ReplyShape,
+    Server,
+    Servers,
+    is_ours,
+    parse_scenario_args,
+    scenario_parser,
+)
 
 SCENARIO = "throughput"
 MODEL = "bench-instant"
@@ -264,33 +272,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="PostgreSQL server on which --pg-database (and its _x2 twin) are recreated",
-    )
-    parser.add_argument("--pg-database", default="chatbot_bench_throughput")
-    parser.add_argument(
-        "--targets",
-        type=_comma_list(str),
-        default=CONFIGURATIONS,
-        help=f"which of {', '.join(CONFIGURATIONS)} (direct is always on)",
-    )
+    parser = scenario_parser(__doc__, "chatbot_bench_throughput", CONFIGURATIONS)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--reply-tokens", type=int, default=20)
     parser.add_argument("--turns-per-conversation", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup-seconds", type=float, default=3)
     parser.add_argument("--window-seconds", type=float, default=10)
-    parser.add_argument("--output", type=Path, default=LATEST_JSON)
-    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
-    parser.add_argument("--keep", action="store_true", help="keep the logs and SQLite files")
-    args = parser.parse_args()
-    if DIRECT not in args.targets:
-        args.targets.insert(0, DIRECT)
+    args = parse_scenario_args(parser)
 
     workdir = Path(tempfile.mkdtemp(prefix="chatbot-throughput-"))
     started = time.monotonic()
