@@ -12,6 +12,7 @@ from chatbot.conversations import models as _conversations  # noqa: F401
 from chatbot.db import Base, create_engine
 from chatbot.messages import models as _messages  # noqa: F401
 from chatbot.quotas import models as _quotas  # noqa: F401
+from chatbot.tasks import models as _tasks  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

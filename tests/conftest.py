@@ -96,7 +96,9 @@ async def database_url(
         pytest.skip("TEST_DATABASE_URL is not set")
     connection = await asyncpg.connect(_asyncpg_dsn(postgres_url))
     try:
-        await connection.execute("TRUNCATE conversations, messages, idempotency_keys, daily_usage")
+        await connection.execute(
+            "TRUNCATE conversations, messages, idempotency_keys, daily_usage, tasks"
+        )
     finally:
         await connection.close()
     return postgres_url

@@ -24,6 +24,7 @@ from chatbot.config import Settings, normalize_database_url
 from chatbot.conversations.models import Conversation
 from chatbot.db import Base, create_engine, migrate
 from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.tasks import models as _tasks  # noqa: F401  (its table is in the migrations)
 from tests.conftest import JWT_SECRET, collect_events, eventually
 from tests.fake_upstream import FakeUpstream, Reply
 

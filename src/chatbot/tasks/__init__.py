@@ -1,0 +1,1 @@
+"""A per-user task list: the data behind the task toolset."""
