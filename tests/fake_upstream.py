@@ -33,6 +33,10 @@ class Reply:
     garbage_after: int | None = None
     open_after_done: bool = False
     """Keep the body open after `[DONE]` instead of ending it."""
+    tool_calls: list[tuple[str, str, str]] = field(default_factory=list)
+    """(id, function name, arguments) of calls streamed after the text, arguments in pieces of
+    `fragment_size` characters, as OpenAI streams them; the reply then finishes `tool_calls`."""
+    fragment_size: int = 5
     finish_reason: str = "stop"
     usage: bool = True
     model: str = "fake-model"
@@ -245,7 +249,16 @@ async def _stream(
         await event(_chunk(reply, {"content": token}))
         if index == 0 and reply.gate is not None and not await hold(reply.gate):
             return False
-    await event(_chunk(reply, {}, reply.finish_reason))
+    for index, (call_id, name, arguments) in enumerate(reply.tool_calls):
+        first = {"index": index, "id": call_id, "type": "function"}
+        await event(_chunk(reply, {"tool_calls": [first | {"function": {"name": name}}]}))
+        for start in range(0, len(arguments), reply.fragment_size):
+            piece = arguments[start : start + reply.fragment_size]
+            await event(
+                _chunk(reply, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            )
+    finish = "tool_calls" if reply.tool_calls else reply.finish_reason
+    await event(_chunk(reply, {}, finish))
     if include_usage and reply.usage:
         await event({**_chunk(reply, {}), "choices": [], "usage": _usage(reply)})
     await event("[DONE]")

@@ -10,7 +10,7 @@ import respx
 
 from chatbot.config import Settings
 from chatbot.errors import UpstreamError
-from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta
+from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta, ToolCall
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import DRAIN_TIMEOUT, OpenAIChatClient, is_reasoning_model
 from tests.fake_upstream import FakeUpstream, Reply
@@ -244,3 +244,60 @@ async def test_a_body_left_open_after_done_does_not_hold_the_reply(
         await client.aclose()
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]
     assert isinstance(events[-1], Completion)
+
+
+async def test_tool_calls_streamed_in_fragments_are_assembled(upstream: FakeUpstream) -> None:
+    arguments = json.dumps({"title": "buy milk", "notes": "two litres, semi-skimmed"})
+    upstream.queue(
+        Reply(
+            tokens=["Let me", " add that."],
+            tool_calls=[("call_a", "add_task", arguments), ("call_b", "list_tasks", "{}")],
+            fragment_size=3,
+        )
+    )
+    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, upstream_max_retries=0)
+    client = OpenAIChatClient(settings)
+    tools = [{"type": "function", "function": {"name": "add_task", "parameters": {}}}]
+    request = CompletionRequest(
+        model="fake-model", messages=[ChatMessage("user", "add milk")], tools=tools
+    )
+    try:
+        events = [event async for event in client.stream(request)]
+    finally:
+        await client.aclose()
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Let me", " add that."]
+    completion = events[-1]
+    assert isinstance(completion, Completion)
+    assert completion.finish_reason == "tool_calls"
+    assert completion.tool_calls == (
+        ToolCall("call_a", "add_task", arguments),
+        ToolCall("call_b", "list_tasks", "{}"),
+    )
+    assert upstream.requests[-1].body["tools"] == tools
+
+
+async def test_a_tool_call_sent_whole_without_an_index_is_read_too() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    body = (
+        f"data: {json.dumps({'choices': [{'delta': {'tool_calls': [call]}}]})}\n\n"
+        f"data: {json.dumps({'choices': [{'delta': {}, 'finish_reason': 'tool_calls'}]})}\n\n"
+    ).encode()
+    completion = (await _stream_body(body))[-1]
+    assert isinstance(completion, Completion)
+    assert completion.tool_calls == (ToolCall("c1", "f", '{"a": 1}'),)
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        '"not a list"',
+        '["not an object"]',
+        '[{"index": 0, "function": {"arguments": "{}"}}]',
+        '[{"index": 0, "function": {"name": 7}}]',
+    ],
+    ids=["not-a-list", "not-an-object", "no-name", "name-not-text"],
+)
+async def test_a_malformed_tool_call_is_an_upstream_error(fragment: str) -> None:
+    body = f'data: {{"choices": [{{"delta": {{"tool_calls": {fragment}}}}}]}}\n\n'.encode()
+    with pytest.raises(UpstreamError):
+        await _stream_body(body)

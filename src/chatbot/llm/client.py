@@ -29,6 +29,8 @@ class CompletionRequest:
     messages: list[ChatMessage]
     temperature: float | None = None
     max_output_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    """Tools the model may call, in the Chat Completions `tools` shape."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +46,30 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call the model asked for, assembled from however many fragments it streamed."""
+
+    id: str
+    name: str
+    arguments: str
+    """JSON text as the model wrote it: not checked here."""
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """The last event of every successful stream."""
 
     finish_reason: str | None
     usage: TokenUsage | None
     model: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 StreamEvent = TextDelta | Completion

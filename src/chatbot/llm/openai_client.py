@@ -14,7 +14,14 @@ from openai import AsyncOpenAI
 
 from chatbot.config import Settings
 from chatbot.errors import UpstreamError
-from chatbot.llm.client import Completion, CompletionRequest, StreamEvent, TextDelta, TokenUsage
+from chatbot.llm.client import (
+    Completion,
+    CompletionRequest,
+    StreamEvent,
+    TextDelta,
+    TokenUsage,
+    ToolCall,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, 
         params[key] = request.max_output_tokens
     if request.temperature is not None and not reasoning:
         params["temperature"] = request.temperature
+    if request.tools:
+        params["tools"] = request.tools
     return params
 
 
@@ -91,6 +100,7 @@ class OpenAIChatClient:
         finish_reason: str | None = None
         usage: TokenUsage | None = None
         model: str | None = None
+        calls = _ToolCalls()
         lines = response.aiter_lines()
         try:
             async for chunk in _chunks(lines):
@@ -100,9 +110,11 @@ class OpenAIChatClient:
                 choices = chunk.get("choices")
                 if choices:
                     choice = choices[0]
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
+                    delta = choice.get("delta") or {}
+                    if content := delta.get("content"):
                         yield TextDelta(_text(content))
+                    if fragments := delta.get("tool_calls"):
+                        calls.add(fragments)
                     if choice.get("finish_reason"):
                         finish_reason = str(choice["finish_reason"])
         except (*_HTTP_ERRORS, ValueError, TypeError, AttributeError, LookupError) as exc:
@@ -112,7 +124,13 @@ class OpenAIChatClient:
             await _drain(lines)
         finally:
             await response.aclose()
-        yield Completion(finish_reason=finish_reason, usage=usage, model=model)
+        try:
+            tool_calls = calls.assembled()
+        except (ValueError, TypeError) as exc:
+            raise upstream_error(exc, mid_stream=True) from exc
+        yield Completion(
+            finish_reason=finish_reason, usage=usage, model=model, tool_calls=tool_calls
+        )
 
     async def _open(self, request: CompletionRequest) -> httpx.Response | httpx2.Response:
         """The streaming response, its status checked; its body is for the caller to read."""
@@ -147,6 +165,52 @@ class OpenAIChatClient:
     async def aclose(self) -> None:
         await self._client.close()
         await self._http.aclose()
+
+
+class _ToolCalls:
+    """Streamed tool calls: the first fragment of each names it (its `index`, `id` and function
+    name), the next ones add to its arguments. Providers that send a call whole, or leave out
+    `index`, fit the same rules."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, fragments: object) -> None:
+        if not isinstance(fragments, list):
+            raise TypeError("tool_calls is not a list")
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                raise TypeError("a tool call fragment is not an object")
+            index = fragment.get("index")
+            if not isinstance(index, int):
+                # No index: a new call when it brings an id, else more of the last one.
+                last = max(self._calls, default=-1)
+                index = last + 1 if fragment.get("id") or last < 0 else last
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+            function = fragment.get("function") or {}
+            if not isinstance(function, dict):
+                raise TypeError("a tool call's function is not an object")
+            if fragment.get("id"):
+                call["id"] = _text(fragment["id"])
+            if function.get("name"):
+                call["name"] += _text(function["name"])
+            if function.get("arguments"):
+                call["arguments"].append(_text(function["arguments"]))
+
+    def assembled(self) -> tuple[ToolCall, ...]:
+        calls = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            if not call["name"]:
+                raise ValueError("a tool call came without a function name")
+            calls.append(
+                ToolCall(
+                    id=call["id"] or f"call_{index}",
+                    name=call["name"],
+                    arguments="".join(call["arguments"]),
+                )
+            )
+        return tuple(calls)
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:
