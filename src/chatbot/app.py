@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from chatbot import health
+from chatbot import __version__, health
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.generation import ReplyRunner
 from chatbot.chat.router import router as chat_router
@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         redoc_url="/redoc" if settings.docs else None,
         openapi_url="/openapi.json" if settings.docs else None,
         title="chatbot",
-        version="0.1.0",
+        version=__version__,
         summary="Persistent conversations with any OpenAI-compatible model, streamed over SSE.",
         lifespan=lifespan,
     )

@@ -1,4 +1,4 @@
-"""`chatbot serve | migrate | token USER`."""
+"""`chatbot serve | migrate | mcp | token USER`."""
 
 import argparse
 import asyncio
@@ -88,6 +88,12 @@ def _migrate(settings: Settings) -> None:
     print("database is at the latest revision")
 
 
+def _mcp(settings: Settings) -> None:
+    from chatbot.tools.mcp_server import serve_stdio
+
+    asyncio.run(serve_stdio(settings))
+
+
 def _token(settings: Settings, user_id: str, ttl_seconds: int) -> None:
     from chatbot.auth.tokens import issue_token
 
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         help="worker processes, 1 to 64 (default: CHATBOT_WORKERS, else 1)",
     )
     commands.add_parser("migrate", help="apply database migrations")
+    commands.add_parser(
+        "mcp",
+        help="serve the task tools over MCP on stdin/stdout, for the user of CHATBOT_MCP_TOKEN",
+    )
     token = commands.add_parser("token", help="print a JWT for local testing")
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
@@ -126,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             _serve(settings)
         elif args.command == "migrate":
             _migrate(settings)
+        elif args.command == "mcp":
+            _mcp(settings)
         else:
             _token(settings, args.user_id, args.ttl)
     except ConfigError as exc:

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     )
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
+    tool_timeout_seconds: float = Field(default=15.0, gt=0)
+    tool_max_result_chars: int = Field(default=16_000, ge=100)
+    mcp_token: SecretStr | None = None
+    """`chatbot mcp` over stdio: the JWT of the user its tools act for (authentication on)."""
+    mcp_user: str = Field(default="local", min_length=1, max_length=255)
+    """`chatbot mcp` over stdio with authentication off: the user its tools act for."""
     daily_token_quota: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     cors_origins: list[str] = Field(default_factory=list)

@@ -1,0 +1,118 @@
+"""`chatbot mcp`: the task tools for other MCP clients, over stdio, through the official SDK."""
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import mcp_types as types
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from chatbot.auth.tokens import issue_token
+from chatbot.config import Settings
+from tests.conftest import JWT_SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _token(user_id: str) -> str:
+    return issue_token(Settings(_env_file=None, jwt_secret=JWT_SECRET), user_id)
+
+
+@asynccontextmanager
+async def _session(database_url: str, **env: str) -> AsyncIterator[ClientSession]:
+    server = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "chatbot", "mcp"],
+        env={"DATABASE_URL": database_url, "CHATBOT_AUTO_MIGRATE": "true", **env},
+        cwd=ROOT,
+    )
+    async with (
+        stdio_client(server) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream, read_timeout_seconds=30) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def _payload(result: Any) -> tuple[bool, Any]:
+    assert isinstance(result, types.CallToolResult)
+    [content] = result.content
+    assert isinstance(content, types.TextContent)
+    return bool(result.is_error), json.loads(content.text)
+
+
+async def test_an_mcp_client_lists_and_calls_the_task_tools(database_url: str) -> None:
+    env = {"CHATBOT_JWT_SECRET": JWT_SECRET}
+    async with _session(database_url, **env, CHATBOT_MCP_TOKEN=_token("alice")) as alice:
+        listed = await alice.list_tools()
+        names = [tool.name for tool in listed.tools]
+        assert names == ["add_task", "list_tasks", "complete_task", "update_task", "delete_task"]
+        add = next(tool for tool in listed.tools if tool.name == "add_task")
+        assert add.input_schema["required"] == ["title"]
+
+        failed, task = _payload(await alice.call_tool("add_task", {"title": "buy milk"}))
+        assert not failed
+        assert task["title"] == "buy milk"
+        failed, done = _payload(await alice.call_tool("complete_task", {"task_id": task["id"]}))
+        assert not failed
+        assert done["done"] is True
+        # A user named in the arguments is refused, not obeyed.
+        failed, error = _payload(
+            await alice.call_tool("add_task", {"title": "planted", "user_id": "bob"})
+        )
+        assert failed
+        assert "user_id" in error["error"]
+
+    async with _session(database_url, **env, CHATBOT_MCP_TOKEN=_token("bob")) as bob:
+        failed, mine = _payload(await bob.call_tool("list_tasks", {}))
+        assert not failed
+        assert mine["tasks"] == []
+        failed, error = _payload(await bob.call_tool("delete_task", {"task_id": task["id"]}))
+        assert failed
+        assert "no task with this id" in error["error"]
+
+    async with _session(database_url, **env, CHATBOT_MCP_TOKEN=_token("alice")) as alice:
+        failed, hers = _payload(await alice.call_tool("list_tasks", {}))
+        assert [(t["title"], t["done"]) for t in hers["tasks"]] == [("buy milk", True)]
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (None, "CHATBOT_MCP_TOKEN is not set"),
+        ("not-a-jwt", "CHATBOT_MCP_TOKEN is not a valid token"),
+        (
+            issue_token(Settings(_env_file=None, jwt_secret="x" * 40), "eve"),
+            "CHATBOT_MCP_TOKEN is not a valid token",
+        ),
+    ],
+    ids=["missing", "garbage", "signed-by-another-key"],
+)
+def test_mcp_over_stdio_refuses_to_start_without_a_valid_token(
+    tmp_path: Path, token: str | None, expected: str
+) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/mcp.db",
+        "CHATBOT_JWT_SECRET": JWT_SECRET,
+    }
+    if token is not None:
+        env["CHATBOT_MCP_TOKEN"] = token
+    started = subprocess.run(
+        [sys.executable, "-m", "chatbot", "mcp"],
+        env=env,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode != 0
+    assert expected in started.stderr
+    assert started.stdout == ""  # nothing that a client could take for the protocol
