@@ -1,6 +1,8 @@
 """`chatbot mcp`: the task tools for other MCP clients, over stdio, through the official SDK."""
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -8,14 +10,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +120,70 @@ def test_mcp_over_stdio_refuses_to_start_without_a_valid_token(
     assert started.returncode != 0
     assert expected in started.stderr
     assert started.stdout == ""  # nothing that a client could take for the protocol
+
+
+@asynccontextmanager
+async def _http_server(database_url: str) -> AsyncIterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": database_url,
+        "CHATBOT_AUTO_MIGRATE": "true",
+        "CHATBOT_JWT_SECRET": JWT_SECRET,
+        "CHATBOT_MCP_PORT": str(port),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatbot", "mcp", "--http",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        await eventually(lambda: _listening(port), 30)
+        yield url
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+@asynccontextmanager
+async def _http_session(url: str, token: str) -> AsyncIterator[ClientSession]:
+    client = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    async with (
+        client,
+        streamable_http_client(url, http_client=client) as (read_stream, write_stream),
+        ClientSession(read_stream, write_stream, read_timeout_seconds=30) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+async def test_over_streamable_http_each_request_acts_for_its_bearer(database_url: str) -> None:
+    async with _http_server(database_url) as url:
+        async with httpx2.AsyncClient() as anonymous:
+            refused = await anonymous.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            assert refused.status_code == 401
+        async with _http_session(url, _token("alice")) as alice:
+            names = [tool.name for tool in (await alice.list_tools()).tools]
+            assert "add_task" in names
+            failed, task = _payload(await alice.call_tool("add_task", {"title": "call mum"}))
+            assert not failed
+        async with _http_session(url, _token("bob")) as bob:
+            failed, listed = _payload(await bob.call_tool("list_tasks", {}))
+            assert not failed
+            assert listed["tasks"] == []
+            failed, _ = _payload(await bob.call_tool("complete_task", {"task_id": task["id"]}))
+            assert failed
+        async with _http_session(url, _token("alice")) as alice:
+            failed, listed = _payload(await alice.call_tool("list_tasks", {}))
+            assert [(t["title"], t["done"]) for t in listed["tasks"]] == [("call mum", False)]

@@ -88,10 +88,10 @@ def _migrate(settings: Settings) -> None:
     print("database is at the latest revision")
 
 
-def _mcp(settings: Settings) -> None:
-    from chatbot.tools.mcp_server import serve_stdio
+def _mcp(settings: Settings, *, http: bool) -> None:
+    from chatbot.tools.mcp_server import serve_http, serve_stdio
 
-    asyncio.run(serve_stdio(settings))
+    asyncio.run(serve_http(settings) if http else serve_stdio(settings))
 
 
 def _token(settings: Settings, user_id: str, ttl_seconds: int) -> None:
@@ -118,9 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         help="worker processes, 1 to 64 (default: CHATBOT_WORKERS, else 1)",
     )
     commands.add_parser("migrate", help="apply database migrations")
-    commands.add_parser(
-        "mcp",
-        help="serve the task tools over MCP on stdin/stdout, for the user of CHATBOT_MCP_TOKEN",
+    mcp = commands.add_parser(
+        "mcp", help="serve the task tools over MCP: stdio (default) or streamable HTTP"
+    )
+    mcp.add_argument(
+        "--http",
+        action="store_true",
+        help="streamable HTTP at http://CHATBOT_HOST:CHATBOT_MCP_PORT/mcp, Bearer JWT per request",
     )
     token = commands.add_parser("token", help="print a JWT for local testing")
     token.add_argument("user_id")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "migrate":
             _migrate(settings)
         elif args.command == "mcp":
-            _mcp(settings)
+            _mcp(settings, http=args.http)
         else:
             _token(settings, args.user_id, args.ttl)
     except ConfigError as exc:

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     tool_max_result_chars: int = Field(default=16_000, ge=100)
     mcp_token: SecretStr | None = None
     """`chatbot mcp` over stdio: the JWT of the user its tools act for (authentication on)."""
+    mcp_port: int = Field(default=8001, ge=0, le=65535)
+    """`chatbot mcp --http` listens here, on CHATBOT_HOST."""
     mcp_user: str = Field(default="local", min_length=1, max_length=255)
     """`chatbot mcp` over stdio with authentication off: the user its tools act for."""
     daily_token_quota: int | None = Field(default=None, ge=1)

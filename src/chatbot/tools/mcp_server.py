@@ -3,17 +3,23 @@ clients (desktop assistants, IDEs) use the same tasks as the chat.
 
 Every call acts for the user the transport establishes, never for one a tool argument names:
 over stdio, the JWT in `CHATBOT_MCP_TOKEN`, checked like any request's (or, with authentication
-off, `CHATBOT_MCP_USER`)."""
+off, `CHATBOT_MCP_USER`); over streamable HTTP, the Bearer JWT of each request."""
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mcp_types as types
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from pydantic import AnyHttpUrl
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
 
 from chatbot import __version__
 from chatbot.auth.tokens import verify_token
@@ -26,7 +32,14 @@ from chatbot.tools.base import Tool, ToolContext, Toolset, run_tool
 logger = logging.getLogger(__name__)
 
 
-def build_server(settings: Settings, toolsets: Sequence[Toolset], context: ToolContext) -> Server:
+def build_server(
+    settings: Settings,
+    toolsets: Sequence[Toolset],
+    sessionmaker: async_sessionmaker[AsyncSession],
+    user_of_call: Callable[[], str],
+) -> Server:
+    """The MCP server of `toolsets`; `user_of_call` names the user of the call being handled,
+    from the transport."""
     tools: dict[str, Tool] = {tool.name: tool for toolset in toolsets for tool in toolset.tools}
 
     async def list_tools(
@@ -50,7 +63,7 @@ def build_server(settings: Settings, toolsets: Sequence[Toolset], context: ToolC
         else:
             result = await run_tool(
                 tool,
-                context,
+                ToolContext(user_of_call(), sessionmaker),
                 json.dumps(params.arguments or {}),
                 timeout_seconds=settings.tool_timeout_seconds,
                 max_result_chars=settings.tool_max_result_chars,
@@ -90,9 +103,67 @@ async def serve_stdio(settings: Settings) -> None:
     try:
         if settings.should_auto_migrate:
             await migrate(engine)
-        server = build_server(settings, [TASKS], ToolContext(user_id, create_sessionmaker(engine)))
+        server = build_server(settings, [TASKS], create_sessionmaker(engine), lambda: user_id)
         logger.info("MCP over stdio: the task tools of user %s", user_id)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
+    finally:
+        await engine.dispose()
+
+
+class _JWTVerifier:
+    """Bearer tokens of the MCP endpoint: the service's own JWTs, checked as the API checks them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            user_id = verify_token(self._settings, token)
+        except Unauthorized:
+            return None
+        return AccessToken(token=token, client_id=user_id, scopes=[], subject=user_id)
+
+
+def _user_of_request(settings: Settings) -> str:
+    if settings.auth_mode == "none":
+        return settings.mcp_user
+    token = get_access_token()
+    if token is None or not token.subject:  # the bearer middleware lets none through
+        raise Unauthorized()
+    return token.subject
+
+
+def http_app(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Starlette:
+    """Streamable HTTP at `/mcp`, each request acting for the subject of its Bearer JWT."""
+    server = build_server(settings, [TASKS], sessionmaker, lambda: _user_of_request(settings))
+    if settings.auth_mode == "none":
+        return server.streamable_http_app(host=settings.host)
+    return server.streamable_http_app(
+        host=settings.host,
+        auth=AuthSettings(
+            issuer_url=AnyHttpUrl(f"http://{settings.host}:{settings.mcp_port}"),
+            resource_server_url=None,
+        ),
+        token_verifier=_JWTVerifier(settings),
+    )
+
+
+async def serve_http(settings: Settings) -> None:
+    import uvicorn
+
+    settings.check_startup()
+    engine = create_engine(settings.database_url)
+    try:
+        if settings.should_auto_migrate:
+            await migrate(engine)
+        app = http_app(settings, create_sessionmaker(engine))
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.mcp_port, log_level=settings.log_level.lower()
+        )
+        logger.info(
+            "MCP over streamable HTTP at http://%s:%d/mcp", settings.host, settings.mcp_port
+        )
+        await uvicorn.Server(config).serve()
     finally:
         await engine.dispose()
