@@ -278,3 +278,17 @@ async def test_deltas_that_waited_for_a_busy_follower_go_out_in_one_write() -> N
     done = await anext(events)
     assert isinstance(done, ServerSentEvent)
     assert done.event == "done"
+
+
+async def test_a_reply_that_ends_while_a_batch_is_sent_loses_none_of_its_end() -> None:
+    # The follower is busy sending "Hello" when the rest arrives and the reply ends: it must
+    # still send ", world" before done.
+    message_id = uuid.uuid4()
+    generation = Generation(message_id, uuid.uuid4(), "alice")
+    generation.append("Hello")
+    items = generation.follow()
+    assert await anext(items) == (Delta("Hello", 5),)
+    generation.append(", world")
+    generation.finish(Outcome(message={"id": str(message_id)}))
+    rest = [item async for item in items]
+    assert rest == [(Delta(", world", 12),), Outcome(message={"id": str(message_id)})]

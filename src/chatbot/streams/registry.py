@@ -112,6 +112,8 @@ class Generation:
                 index += 1
             if batch:
                 yield tuple(batch)
+                # More may have come, and the reply may have ended, while that was sent.
+                continue
             if self._outcome is not None:
                 yield self._outcome
                 return
