@@ -216,3 +216,39 @@ def test_no_dependency_waits_for_a_thread() -> None:
     for route in routes:
         walk(route.dependant)
     assert sync == set()
+
+
+async def test_a_stream_url_from_one_worker_opens_on_any_worker_without_a_jwt_secret(
+    tmp_path: Any, upstream: FakeUpstream
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
+        "OPENAI_BASE_URL": upstream.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "CHATBOT_PORT": str(port),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatbot", "serve", "--workers", "2",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            await eventually(lambda: _answers(client), 30)
+            for index in range(8):
+                started = await client.post(
+                    "/v1/chat", json={"message": f"hello {index}", "background": True}
+                )
+                assert started.status_code == 202, started.text
+                # A new connection each time: the kernel may hand it to either worker.
+                async with httpx.AsyncClient(base_url=base_url) as fresh:
+                    followed = await fresh.get(started.json()["stream_url"])
+                assert followed.status_code == 200, followed.text
+                assert "event: done" in followed.text
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 30)

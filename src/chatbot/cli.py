@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,9 @@ def _serve(settings: Settings) -> None:
         # Once, here, rather than by every worker at once.
         _migrate(settings)
         os.environ["CHATBOT_AUTO_MIGRATE"] = "false"
+    if settings.jwt_secret is None and settings.stream_token_secret is None:
+        # A stream URL one worker hands out must open on any of them.
+        os.environ["CHATBOT_STREAM_TOKEN_SECRET"] = secrets.token_urlsafe(32)
     # Each worker has its own registry of running replies; a stream asked of another worker
     # is followed through the database, as it would be on another instance.
     uvicorn.run("chatbot.cli:worker_app", factory=True, workers=settings.workers, **options)

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     max_concurrent_replies: int = Field(default=4, ge=1)
     tool_timeout_seconds: float = Field(default=15.0, gt=0)
     tool_max_result_chars: int = Field(default=16_000, ge=100)
+    stream_token_secret: SecretStr | None = None
+    """Signs stream URLs when there is no JWT secret; set by `chatbot serve --workers` so that
+    every worker accepts the others' (else each process has its own)."""
     mcp_token: SecretStr | None = None
     """`chatbot mcp` over stdio: the JWT of the user its tools act for (authentication on)."""
     mcp_port: int = Field(default=8001, ge=0, le=65535)

@@ -25,12 +25,14 @@ class StreamTokenSigner:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StreamTokenSigner":
-        # Without a JWT secret (local use) a per-process key is enough: nothing else verifies it.
-        secret = (
-            settings.jwt_secret.get_secret_value().encode()
-            if settings.jwt_secret
-            else secrets.token_bytes(32)
-        )
+        # Without a JWT secret (local use) the key is the process's own, or one its worker
+        # processes share (`chatbot serve --workers` sets it): nothing else verifies it.
+        if settings.jwt_secret:
+            secret = settings.jwt_secret.get_secret_value().encode()
+        elif settings.stream_token_secret:
+            secret = settings.stream_token_secret.get_secret_value().encode()
+        else:
+            secret = secrets.token_bytes(32)
         key = hmac.new(secret, _PURPOSE, hashlib.sha256).digest()
         return cls(key, settings.stream_token_ttl)
 
