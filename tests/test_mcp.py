@@ -187,3 +187,18 @@ async def test_over_streamable_http_each_request_acts_for_its_bearer(database_ur
         async with _http_session(url, _token("alice")) as alice:
             failed, listed = _payload(await alice.call_tool("list_tasks", {}))
             assert [(t["title"], t["done"]) for t in listed["tasks"]] == [("call mum", False)]
+
+
+async def test_an_expired_token_stops_a_running_stdio_server_from_acting(
+    database_url: str,
+) -> None:
+    settings = Settings(_env_file=None, jwt_secret=JWT_SECRET)
+    token = issue_token(settings, "alice", ttl_seconds=2)
+    env = {"CHATBOT_JWT_SECRET": JWT_SECRET, "CHATBOT_JWT_LEEWAY_SECONDS": "0"}
+    async with _session(database_url, **env, CHATBOT_MCP_TOKEN=token) as alice:
+        failed, _ = _payload(await alice.call_tool("list_tasks", {}))
+        assert not failed
+        await asyncio.sleep(3)
+        failed, error = _payload(await alice.call_tool("add_task", {"title": "too late"}))
+        assert failed
+        assert "credentials" in error["error"]

@@ -214,3 +214,19 @@ def test_every_task_tool_is_described_for_the_model() -> None:
         parameters = entry["function"]["parameters"]
         assert parameters["additionalProperties"] is False
         assert "user_id" not in json.dumps(parameters)
+
+
+async def test_arguments_nested_too_deep_and_a_timeout_inside_a_tool_are_results() -> None:
+    async def echo(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        return arguments
+
+    context = ToolContext("alice", async_sessionmaker())
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = await run_tool(_tool(echo), context, deep, timeout_seconds=5, max_result_chars=1000)
+    assert "not valid JSON" in _error(nested)
+
+    async def driver_timeout(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        raise TimeoutError("the database did not answer")
+
+    # Not the tool's own deadline: reported as a failure, not as "took longer than".
+    assert _error(await _run(_tool(driver_timeout))) == "the tool failed"

@@ -73,7 +73,7 @@ async def finish(
         .where(Message.id == message_id, Message.status == MessageStatus.IN_PROGRESS)
         .values(**values)
         .returning(Message)
-        .execution_options(synchronize_session=False)
+        .execution_options(populate_existing=True, synchronize_session=False)
     )
     return stored
 

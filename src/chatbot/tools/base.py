@@ -99,15 +99,19 @@ async def run_tool(
     passes through); everything else ends as a result."""
     try:
         parsed = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return _error("the arguments are not valid JSON")
     if errors := argument_errors(tool, parsed):
         return _error("invalid arguments: " + "; ".join(errors))
+    deadline = asyncio.timeout(timeout_seconds)
     try:
-        async with asyncio.timeout(timeout_seconds):
+        async with deadline:
             result = await tool.handler(context, parsed)
     except TimeoutError:
-        return _error(f"the tool took longer than {timeout_seconds:g} s")
+        if deadline.expired():
+            return _error(f"the tool took longer than {timeout_seconds:g} s")
+        logger.exception("tool %s timed out inside", tool.name)
+        return _error("the tool failed")
     except ToolError as exc:
         return _error(str(exc))
     except Exception:

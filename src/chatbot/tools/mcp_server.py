@@ -58,20 +58,34 @@ def build_server(
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         tool = tools.get(params.name)
+        try:
+            user_id = user_of_call()
+        except (ConfigError, Unauthorized):
+            text, failed = (
+                json.dumps({"error": "the credentials of this server are not valid"}),
+                True,
+            )
+        else:
+            text, failed = await _call(tool, params, user_id)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=text)], is_error=failed
+        )
+
+    async def _call(
+        tool: Tool | None, params: types.CallToolRequestParams, user_id: str
+    ) -> tuple[str, bool]:
         if tool is None:
             text, failed = json.dumps({"error": f"there is no tool named {params.name!r}"}), True
         else:
             result = await run_tool(
                 tool,
-                ToolContext(user_of_call(), sessionmaker),
+                ToolContext(user_id, sessionmaker),
                 json.dumps(params.arguments or {}),
                 timeout_seconds=settings.tool_timeout_seconds,
                 max_result_chars=settings.tool_max_result_chars,
             )
             text, failed = result.content, result.status == "error"
-        return types.CallToolResult(
-            content=[types.TextContent(type="text", text=text)], is_error=failed
-        )
+        return text, failed
 
     return Server(
         "chatbot",
@@ -98,12 +112,16 @@ def stdio_user(settings: Settings) -> str:
 
 
 async def serve_stdio(settings: Settings) -> None:
+    settings.check_startup()
     user_id = stdio_user(settings)
     engine = create_engine(settings.database_url)
     try:
         if settings.should_auto_migrate:
             await migrate(engine)
-        server = build_server(settings, [TASKS], create_sessionmaker(engine), lambda: user_id)
+        # The token is checked again at every call: an expired or revoked one stops serving.
+        server = build_server(
+            settings, [TASKS], create_sessionmaker(engine), lambda: stdio_user(settings)
+        )
         logger.info("MCP over stdio: the task tools of user %s", user_id)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
@@ -134,6 +152,10 @@ def _user_of_request(settings: Settings) -> str:
     return token.subject
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def http_app(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]) -> Starlette:
     """Streamable HTTP at `/mcp`, each request acting for the subject of its Bearer JWT."""
     server = build_server(settings, [TASKS], sessionmaker, lambda: _user_of_request(settings))
@@ -142,7 +164,7 @@ def http_app(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession])
     return server.streamable_http_app(
         host=settings.host,
         auth=AuthSettings(
-            issuer_url=AnyHttpUrl(f"http://{settings.host}:{settings.mcp_port}"),
+            issuer_url=AnyHttpUrl(f"http://{_url_host(settings.host)}:{settings.mcp_port}"),
             resource_server_url=None,
         ),
         token_verifier=_JWTVerifier(settings),
