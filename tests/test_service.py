@@ -7,6 +7,9 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -147,41 +150,62 @@ async def test_shutdown_stores_a_running_reply_as_incomplete(start_service: Any)
     assert active is None
 
 
-async def test_serve_with_two_workers_answers_and_redacts_each_workers_log(
-    tmp_path: Any, upstream: FakeUpstream
-) -> None:
+@dataclass
+class _Workers:
+    base_url: str
+    output: str = ""
+    """Everything the processes printed (uvicorn's access log goes to stdout), once stopped."""
+
+
+@asynccontextmanager
+async def _two_workers(
+    tmp_path: Any, upstream: FakeUpstream, **env: str
+) -> AsyncIterator[_Workers]:
+    """`chatbot serve --workers 2` on a free port, answering, stopped on leaving."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {
+    environment = {
         "PATH": "/usr/bin:/bin",
         "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
         "OPENAI_BASE_URL": upstream.base_url,
         "OPENAI_API_KEY": "sk-test",
-        "CHATBOT_JWT_SECRET": JWT_SECRET,
         "CHATBOT_PORT": str(port),
+        **env,
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "chatbot", "serve", "--workers", "2",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
+    workers = _Workers(f"http://127.0.0.1:{port}")
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=workers.base_url) as client:
             await eventually(lambda: _answers(client), 30)
-            token = issue_token(Settings(_env_file=None, jwt_secret=JWT_SECRET), "alice")
-            headers = {"Authorization": f"Bearer {token}"}
-            # Several turns, so that both workers (one socket, two processes) serve some.
-            for index in range(6):
-                response = await client.post(
-                    "/v1/chat", json={"message": f"hello {index}"}, headers=headers
-                )
-                assert response.status_code == 201, response.text
-                assert response.json()["assistant_message"]["status"] == "completed"
-            await client.get("/healthz", params={"access_token": "not-for-the-log"})
+        yield workers
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = await asyncio.wait_for(process.communicate(), 30)
-    log = output.decode()  # uvicorn's access log goes to stdout
+        workers.output = output.decode()
+
+
+async def test_serve_with_two_workers_answers_and_redacts_each_workers_log(
+    tmp_path: Any, upstream: FakeUpstream
+) -> None:
+    async with (
+        _two_workers(tmp_path, upstream, CHATBOT_JWT_SECRET=JWT_SECRET) as workers,
+        httpx.AsyncClient(base_url=workers.base_url) as client,
+    ):
+        token = issue_token(Settings(_env_file=None, jwt_secret=JWT_SECRET), "alice")
+        headers = {"Authorization": f"Bearer {token}"}
+        # Several turns, so that both workers (one socket, two processes) serve some.
+        for index in range(6):
+            response = await client.post(
+                "/v1/chat", json={"message": f"hello {index}"}, headers=headers
+            )
+            assert response.status_code == 201, response.text
+            assert response.json()["assistant_message"]["status"] == "completed"
+        await client.get("/healthz", params={"access_token": "not-for-the-log"})
+    log = workers.output
     assert log.count("Application startup complete") == 2, log
     assert "access_token=[redacted]" in log
     assert "not-for-the-log" not in log
@@ -221,34 +245,17 @@ def test_no_dependency_waits_for_a_thread() -> None:
 async def test_a_stream_url_from_one_worker_opens_on_any_worker_without_a_jwt_secret(
     tmp_path: Any, upstream: FakeUpstream
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
-        "OPENAI_BASE_URL": upstream.base_url,
-        "OPENAI_API_KEY": "sk-test",
-        "CHATBOT_PORT": str(port),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatbot", "serve", "--workers", "2",
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base_url) as client:
-            await eventually(lambda: _answers(client), 30)
-            for index in range(8):
-                started = await client.post(
-                    "/v1/chat", json={"message": f"hello {index}", "background": True}
-                )
-                assert started.status_code == 202, started.text
-                # A new connection each time: the kernel may hand it to either worker.
-                async with httpx.AsyncClient(base_url=base_url) as fresh:
-                    followed = await fresh.get(started.json()["stream_url"])
-                assert followed.status_code == 200, followed.text
-                assert "event: done" in followed.text
-    finally:
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.wait(), 30)
+    async with (
+        _two_workers(tmp_path, upstream) as workers,
+        httpx.AsyncClient(base_url=workers.base_url) as client,
+    ):
+        for index in range(8):
+            started = await client.post(
+                "/v1/chat", json={"message": f"hello {index}", "background": True}
+            )
+            assert started.status_code == 202, started.text
+            # A new connection each time: the kernel may hand it to either worker.
+            async with httpx.AsyncClient(base_url=workers.base_url) as fresh:
+                followed = await fresh.get(started.json()["stream_url"])
+            assert followed.status_code == 200, followed.text
+            assert "event: done" in followed.text
