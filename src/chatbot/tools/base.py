@@ -71,7 +71,7 @@ class ToolResult:
     """JSON text, as it goes back to the model."""
 
 
-def _error(message: str) -> ToolResult:
+def error_result(message: str) -> ToolResult:
     return ToolResult("error", json.dumps({"error": message}, ensure_ascii=False))
 
 
@@ -100,23 +100,23 @@ async def run_tool(
     try:
         parsed = json.loads(arguments or "{}")
     except (ValueError, RecursionError):
-        return _error("the arguments are not valid JSON")
+        return error_result("the arguments are not valid JSON")
     if errors := argument_errors(tool, parsed):
-        return _error("invalid arguments: " + "; ".join(errors))
+        return error_result("invalid arguments: " + "; ".join(errors))
     deadline = asyncio.timeout(timeout_seconds)
     try:
         async with deadline:
             result = await tool.handler(context, parsed)
     except TimeoutError:
         if deadline.expired():
-            return _error(f"the tool took longer than {timeout_seconds:g} s")
+            return error_result(f"the tool took longer than {timeout_seconds:g} s")
         logger.exception("tool %s timed out inside", tool.name)
-        return _error("the tool failed")
+        return error_result("the tool failed")
     except ToolError as exc:
-        return _error(str(exc))
+        return error_result(str(exc))
     except Exception:
         logger.exception("tool %s failed", tool.name)
-        return _error("the tool failed")
+        return error_result("the tool failed")
     return ToolResult(
         "ok", _bounded(json.dumps(result, ensure_ascii=False, default=str), max_result_chars)
     )

@@ -7,7 +7,8 @@ off, `CHATBOT_MCP_USER`); over streamable HTTP, the Bearer JWT of each request."
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import mcp_types as types
@@ -27,7 +28,7 @@ from chatbot.config import ConfigError, Settings
 from chatbot.db import create_engine, create_sessionmaker, migrate
 from chatbot.errors import Unauthorized
 from chatbot.tasks.tools import TASKS
-from chatbot.tools.base import Tool, ToolContext, Toolset, run_tool
+from chatbot.tools.base import Tool, ToolContext, ToolResult, Toolset, error_result, run_tool
 
 logger = logging.getLogger(__name__)
 
@@ -57,35 +58,27 @@ def build_server(
     async def call_tool(
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        tool = tools.get(params.name)
+        result = await _result(params)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=result.content)],
+            is_error=result.status == "error",
+        )
+
+    async def _result(params: types.CallToolRequestParams) -> ToolResult:
         try:
             user_id = user_of_call()
         except (ConfigError, Unauthorized):
-            text, failed = (
-                json.dumps({"error": "the credentials of this server are not valid"}),
-                True,
-            )
-        else:
-            text, failed = await _call(tool, params, user_id)
-        return types.CallToolResult(
-            content=[types.TextContent(type="text", text=text)], is_error=failed
-        )
-
-    async def _call(
-        tool: Tool | None, params: types.CallToolRequestParams, user_id: str
-    ) -> tuple[str, bool]:
+            return error_result("the credentials of this server are not valid")
+        tool = tools.get(params.name)
         if tool is None:
-            text, failed = json.dumps({"error": f"there is no tool named {params.name!r}"}), True
-        else:
-            result = await run_tool(
-                tool,
-                ToolContext(user_id, sessionmaker),
-                json.dumps(params.arguments or {}),
-                timeout_seconds=settings.tool_timeout_seconds,
-                max_result_chars=settings.tool_max_result_chars,
-            )
-            text, failed = result.content, result.status == "error"
-        return text, failed
+            return error_result(f"there is no tool named {params.name!r}")
+        return await run_tool(
+            tool,
+            ToolContext(user_id, sessionmaker),
+            json.dumps(params.arguments or {}),
+            timeout_seconds=settings.tool_timeout_seconds,
+            max_result_chars=settings.tool_max_result_chars,
+        )
 
     return Server(
         "chatbot",
@@ -111,22 +104,27 @@ def stdio_user(settings: Settings) -> str:
         raise ConfigError(f"CHATBOT_MCP_TOKEN is not a valid token: {exc.detail}") from None
 
 
-async def serve_stdio(settings: Settings) -> None:
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """What either transport serves from: the service's database, migrated if it migrates."""
     settings.check_startup()
-    user_id = stdio_user(settings)
     engine = create_engine(settings.database_url)
     try:
         if settings.should_auto_migrate:
             await migrate(engine)
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+
+
+async def serve_stdio(settings: Settings) -> None:
+    async with _database(settings) as sessionmaker:
+        user_id = stdio_user(settings)
         # The token is checked again at every call: an expired or revoked one stops serving.
-        server = build_server(
-            settings, [TASKS], create_sessionmaker(engine), lambda: stdio_user(settings)
-        )
+        server = build_server(settings, [TASKS], sessionmaker, lambda: stdio_user(settings))
         logger.info("MCP over stdio: the task tools of user %s", user_id)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
-    finally:
-        await engine.dispose()
 
 
 class _JWTVerifier:
@@ -174,18 +172,14 @@ def http_app(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession])
 async def serve_http(settings: Settings) -> None:
     import uvicorn
 
-    settings.check_startup()
-    engine = create_engine(settings.database_url)
-    try:
-        if settings.should_auto_migrate:
-            await migrate(engine)
-        app = http_app(settings, create_sessionmaker(engine))
+    async with _database(settings) as sessionmaker:
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.mcp_port, log_level=settings.log_level.lower()
+            http_app(settings, sessionmaker),
+            host=settings.host,
+            port=settings.mcp_port,
+            log_level=settings.log_level.lower(),
         )
         logger.info(
             "MCP over streamable HTTP at http://%s:%d/mcp", settings.host, settings.mcp_port
         )
         await uvicorn.Server(config).serve()
-    finally:
-        await engine.dispose()
