@@ -5,6 +5,7 @@ import asyncio
 import inspect
 import json
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,6 +287,13 @@ async def read_events(response: httpx.Response) -> AsyncIterator[Event]:
 
 async def collect_events(response: httpx.Response) -> list[Event]:
     return [event async for event in read_events(response)]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on, for a service a test starts as a process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def eventually(

@@ -2,15 +2,16 @@
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import jwt
 import mcp_types as types
 import pytest
 from mcp.client.session import ClientSession
@@ -19,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings
-from tests.conftest import JWT_SECRET, eventually
+from tests.conftest import JWT_SECRET, eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,9 +125,7 @@ def test_mcp_over_stdio_refuses_to_start_without_a_valid_token(
 
 @asynccontextmanager
 async def _http_server(database_url: str) -> AsyncIterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {
         "PATH": "/usr/bin:/bin",
         "DATABASE_URL": database_url,
@@ -193,12 +192,14 @@ async def test_an_expired_token_stops_a_running_stdio_server_from_acting(
     database_url: str,
 ) -> None:
     settings = Settings(_env_file=None, jwt_secret=JWT_SECRET)
-    token = issue_token(settings, "alice", ttl_seconds=2)
+    # Long enough for the server to start on a busy machine; then waited out.
+    token = issue_token(settings, "alice", ttl_seconds=15)
+    expires_at = jwt.decode(token, options={"verify_signature": False})["exp"]
     env = {"CHATBOT_JWT_SECRET": JWT_SECRET, "CHATBOT_JWT_LEEWAY_SECONDS": "0"}
     async with _session(database_url, **env, CHATBOT_MCP_TOKEN=token) as alice:
         failed, _ = _payload(await alice.call_tool("list_tasks", {}))
         assert not failed
-        await asyncio.sleep(3)
+        await asyncio.sleep(max(0.0, expires_at + 1 - time.time()))
         failed, error = _payload(await alice.call_tool("add_task", {"title": "too late"}))
         assert failed
         assert "credentials" in error["error"]

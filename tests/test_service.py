@@ -3,7 +3,6 @@
 import asyncio
 import inspect
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -28,7 +27,7 @@ from chatbot.conversations.models import Conversation
 from chatbot.db import Base, create_engine, migrate
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.tasks import models as _tasks  # noqa: F401  (its table is in the migrations)
-from tests.conftest import JWT_SECRET, collect_events, eventually
+from tests.conftest import JWT_SECRET, collect_events, eventually, free_port
 from tests.fake_upstream import FakeUpstream, Reply
 
 
@@ -162,9 +161,7 @@ async def _two_workers(
     tmp_path: Any, upstream: FakeUpstream, **env: str
 ) -> AsyncIterator[_Workers]:
     """`chatbot serve --workers 2` on a free port, answering, stopped on leaving."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     environment = {
         "PATH": "/usr/bin:/bin",
         "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
