@@ -158,6 +158,7 @@ BAD_CONVERSATIONS: dict[str, tuple[Any, int, str]] = {
     "huge metadata": ({"metadata": {"k": "x" * 20_000}}, 422, "validation_error"),
     "long title": ({"title": "x" * 501}, 422, "validation_error"),
     "bad model name": ({"model": "gpt 4; drop table"}, 422, "validation_error"),
+    "non-ASCII model name": ({"model": "llama\u00e6"}, 422, "validation_error"),
     "wrong type": ({"title": 5}, 422, "validation_error"),
 }
 

@@ -83,8 +83,10 @@ NonBlankText = Annotated[
     AfterValidator(_not_blank),
 ]
 Title = Annotated[str, StringConstraints(max_length=500), AfterValidator(_no_nul)]
+# Spelled out: `\w` is Unicode to the server's regex engine and ASCII to the OpenAPI schema's
+# (ECMA-262), so "æ" passed the one and not the other.
 ModelName = Annotated[
-    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.:/@+-]+$")
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:/@+-]+$")
 ]
 SystemPrompt = Annotated[str, StringConstraints(max_length=100_000), AfterValidator(_no_nul)]
 Metadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
