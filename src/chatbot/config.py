@@ -1,10 +1,19 @@
 """Settings, read once from the environment and `.env`."""
 
 import ipaddress
+import re
 from functools import cached_property
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./chatbot.db"
@@ -31,6 +40,32 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+TOOLSET_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+"""A toolset's name: also the prefix of an MCP server's tool names, so short and plain."""
+
+
+class McpServer(BaseModel):
+    """An MCP server whose tools conversations may use: a command to start over stdio, or the
+    URL of a streamable HTTP endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str | None = Field(default=None, min_length=1)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    """Added to the environment the command starts with."""
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Sent with every HTTP request (an API key the server wants, say)."""
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "McpServer":
+        if (self.command is None) == (self.url is None):
+            raise ValueError("an MCP server needs either a command or a url")
+        return self
 
 
 class Settings(BaseSettings):
@@ -96,6 +131,13 @@ class Settings(BaseSettings):
     )
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
+    max_tool_rounds: int = Field(default=5, ge=0, le=50)
+    """Rounds of tool calls one reply may run; the call after the last is made with
+    tool_choice=none, so the model answers in words."""
+    default_toolsets: list[str] = Field(default_factory=lambda: ["tasks"])
+    """The toolsets a new conversation may use unless it names its own."""
+    mcp_servers: dict[str, McpServer] = Field(default_factory=dict)
+    """MCP servers whose tools conversations may use, by toolset name (JSON)."""
     tool_timeout_seconds: float = Field(default=15.0, gt=0)
     tool_max_result_chars: int = Field(default=16_000, ge=100)
     stream_token_secret: SecretStr | None = None
@@ -115,6 +157,14 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=32_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     history_messages: int = Field(default=50, ge=0)
+
+    @field_validator("default_toolsets", "mcp_servers")
+    @classmethod
+    def _toolset_names(cls, value: list[str] | dict[str, McpServer]) -> object:
+        for name in value:
+            if re.fullmatch(TOOLSET_NAME_PATTERN, name) is None:
+                raise ValueError(f"{name!r} is not a toolset name ({TOOLSET_NAME_PATTERN})")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -31,6 +31,8 @@ class CompletionRequest:
     max_output_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     """Tools the model may call, in the Chat Completions `tools` shape."""
+    tool_choice: str | None = None
+    """`none` once the reply has run as many rounds of tool calls as it may."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,8 @@ def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, 
         params["temperature"] = request.temperature
     if request.tools:
         params["tools"] = request.tools
+        if request.tool_choice is not None:
+            params["tool_choice"] = request.tool_choice
     return params
 
 
