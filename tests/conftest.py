@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +16,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.app import create_app
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings, normalize_database_url
-from chatbot.db import create_engine, migrate
+from chatbot.db import create_engine, create_sessionmaker, migrate
+from chatbot.tools.base import Toolset
 from tests.fake_upstream import UTILITY_MODEL, FakeUpstream
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
@@ -132,9 +134,20 @@ def settings_for(database_url: str, upstream_url: str, /, **overrides: Any) -> S
         "model": "gpt-4o-mini",
         "utility_model": UTILITY_MODEL,
         "rate_limit": "10000/minute",
+        # Tools are offered where a test asks for them: their definitions cost prompt tokens.
+        "default_toolsets": [],
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+async def sessionmaker(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on the test's database, migrated, for tests below the HTTP layer."""
+    engine = create_engine(database_url)
+    await migrate(engine)
+    yield create_sessionmaker(engine)
+    await engine.dispose()
 
 
 @pytest.fixture
@@ -219,9 +232,9 @@ def start_service(
     """`async with start_service(**settings) as service:` for tests that need other settings."""
 
     class _Running:
-        def __init__(self, settings: Settings) -> None:
+        def __init__(self, settings: Settings, toolsets: Iterable[Toolset]) -> None:
             self.settings = settings
-            self.server = LiveServer(create_app(settings))
+            self.server = LiveServer(create_app(settings, toolsets=toolsets))
             self.client: httpx.AsyncClient | None = None
 
         async def __aenter__(self) -> Service:
@@ -234,8 +247,8 @@ def start_service(
             await self.client.aclose()
             await self.server.__aexit__(*exc)
 
-    def start(**overrides: Any) -> _Running:
-        return _Running(make_settings(**overrides))
+    def start(toolsets: Iterable[Toolset] = (), **overrides: Any) -> _Running:
+        return _Running(make_settings(**overrides), toolsets)
 
     return start
 
@@ -287,6 +300,17 @@ async def read_events(response: httpx.Response) -> AsyncIterator[Event]:
 
 async def collect_events(response: httpx.Response) -> list[Event]:
     return [event async for event in read_events(response)]
+
+
+async def listening(port: int) -> bool:
+    """Whether something accepts connections on this loopback port (a process starting up)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings
-from tests.conftest import JWT_SECRET, eventually, free_port
+from tests.conftest import JWT_SECRET, eventually, free_port, listening
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,20 +139,11 @@ async def _http_server(database_url: str) -> AsyncIterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        await eventually(lambda: _listening(port), 30)
+        await eventually(lambda: listening(port), 30)
         yield url
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 30)
-
-
-async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
 
 
 @asynccontextmanager

@@ -96,6 +96,7 @@ async def test_json_fallback_returns_the_stored_messages(service: Service) -> No
         "conversation_id": conversation["id"],
         "user_message": stored[0],
         "assistant_message": stored[1],
+        "tool_calls": [],
     }
     assert stored[1]["content"] == "Hello, world!"
     conversation_now = (

@@ -3,23 +3,13 @@ service names, every failure a result the model can read."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from chatbot.db import create_engine, create_sessionmaker, migrate
 from chatbot.tasks.tools import TASKS
 from chatbot.tools.base import Tool, ToolContext, ToolError, ToolResult, run_tool
-
-
-@pytest.fixture
-async def sessionmaker(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database_url)
-    await migrate(engine)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 async def _call(

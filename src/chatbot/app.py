@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,9 @@ from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.keeper import ReplyKeeper
 from chatbot.streams.registry import InProcessRegistry
 from chatbot.streams.router import router as streams_router
+from chatbot.tools.base import Toolset
+from chatbot.tools.mcp_client import start_sources
+from chatbot.tools.registry import BUILT_IN, ToolRegistry
 from chatbot.validation import SETTING_MARK
 from chatbot.web.router import router as web_router
 
@@ -76,7 +79,14 @@ def _document_settings(app: FastAPI, constraints: dict[str, dict[str, Any]]) -> 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    llm: LLMClient | None = None,
+    toolsets: Iterable[Toolset] = (),
+) -> FastAPI:
+    """The service; `toolsets` are tools written in Python that conversations may name, beside
+    the built-in task list."""
     settings = settings or Settings()
     settings.check_startup()
     try:
@@ -85,6 +95,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         raise ConfigError(
             f"CHATBOT_PROMPT_PROFILE: {exc.detail} in {settings.prompts_dir}"
         ) from None
+    tools = ToolRegistry(settings, (*BUILT_IN, *toolsets))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +128,10 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
             stale_after_seconds=settings.stale_reply_seconds,
         )
         await keeper.sweep()
+        # A server that is slow or down is retried in the background: it never blocks start-up.
+        mcp_sources = await start_sources(settings.mcp_servers)
+        tools.attach(mcp_sources)
+        app.state.tools = tools
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker
@@ -138,6 +153,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         finally:
             await registry.shutdown(settings.shutdown_grace_seconds)
             await chores.shutdown()
+            await asyncio.gather(*(source.aclose() for source in mcp_sources))
             keeper_task.cancel()
             await asyncio.gather(keeper_task, return_exceptions=True)
             await model.aclose()
@@ -176,6 +192,7 @@ def create_app(settings: Settings | None = None, *, llm: LLMClient | None = None
         {
             "prompt_profiles": {"enum": profiles.names},
             "max_output_tokens": {"maximum": settings.max_output_tokens},
+            "toolsets": {"enum": tools.names},
         },
     )
     app.include_router(health.router)

@@ -17,6 +17,7 @@ from chatbot.errors import BadRequest
 from chatbot.llm.client import LLMClient
 from chatbot.streams.follow import ReplyFollower
 from chatbot.streams.registry import ReplyRegistry
+from chatbot.tools.registry import ToolRegistry
 
 
 def app_state(name: str) -> Callable[[Request], Awaitable[Any]]:
@@ -38,6 +39,7 @@ get_registry: Callable[[Request], Awaitable[ReplyRegistry]] = app_state("registr
 get_profiles: Callable[[Request], Awaitable[PromptProfiles]] = app_state("profiles")
 get_context_builder: Callable[[Request], Awaitable[ContextBuilder]] = app_state("context_builder")
 get_follower: Callable[[Request], Awaitable[ReplyFollower]] = app_state("follower")
+get_tools: Callable[[Request], Awaitable[ToolRegistry]] = app_state("tools")
 get_stream_signer: Callable[[Request], Awaitable[StreamTokenSigner]] = app_state("stream_signer")
 
 
@@ -68,4 +70,5 @@ RegistryDep = Annotated[ReplyRegistry, Depends(get_registry)]
 FollowerDep = Annotated[ReplyFollower, Depends(get_follower)]
 ProfilesDep = Annotated[PromptProfiles, Depends(get_profiles)]
 ContextBuilderDep = Annotated[ContextBuilder, Depends(get_context_builder)]
+ToolsDep = Annotated[ToolRegistry, Depends(get_tools)]
 StreamSignerDep = Annotated[StreamTokenSigner, Depends(get_stream_signer)]

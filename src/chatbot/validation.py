@@ -97,6 +97,22 @@ ProfileName = Annotated[
     StringConstraints(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$"),
     WithJsonSchema({"type": "string", SETTING_MARK: "prompt_profiles"}, mode="validation"),
 ]
+ToolsetName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$"),
+    WithJsonSchema({"type": "string", SETTING_MARK: "toolsets"}, mode="validation"),
+]
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+ToolsetNames = Annotated[
+    list[ToolsetName],
+    Field(max_length=16, description="The toolsets this conversation's replies may use"),
+    AfterValidator(_unique),
+]
 MaxOutputTokens = Annotated[
     int,
     Field(ge=1, le=1_000_000),

@@ -1,9 +1,13 @@
-"""Generating one reply: a task of the service that streams from the model and stores the end."""
+"""Generating one reply: a task of the service that streams from the model, runs the tools it
+calls, and stores every step and the end."""
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -14,12 +18,21 @@ from chatbot.context.tokens import TokenCounter
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.errors import AppError, UpstreamError
-from chatbot.llm.client import Completion, CompletionRequest, LLMClient
+from chatbot.llm.client import (
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    LLMClient,
+    TokenUsage,
+    ToolCall,
+)
 from chatbot.messages import repository as messages
-from chatbot.messages.models import Message, MessageStatus
+from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.quotas import service as quotas
 from chatbot.streams.follow import outcome_of
 from chatbot.streams.registry import Generation, Outcome, StopReason
+from chatbot.tools.base import Tool, ToolContext, ToolResult, error_result, run_tool
+from chatbot.tools.events import call_data, calls_made, result_data, stored_events, tool_error
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +42,55 @@ STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
 
 def elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
+
+
+class _Superseded(Exception):
+    """The reply lost its conversation mid-turn: cancelled elsewhere, swept, or deleted."""
+
+
+@dataclass
+class _Turn:
+    """What a reply accumulates over its rounds."""
+
+    started: float
+    prompt_tokens: int
+    """An estimate of the next call's prompt, for the daily quota."""
+    ttft_ms: int | None = None
+    rounds: int = 0
+    completion: Completion | None = None
+    usage: list[TokenUsage] = field(default_factory=list)
+    unrecorded_tokens: int = 0
+    """Tokens of the last call, not yet added to the user's day."""
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    """The calls made so far with their results, as the finished turn lists them."""
+    pending: tuple[tuple[ToolCall, ...], int, dict[str, ToolResult]] | None = None
+    """The round whose calls are stored and running: calls, the first result position, and
+    the results so far."""
+
+    def first_output(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = elapsed_ms(self.started)
+
+    def summed_usage(self) -> TokenUsage | None:
+        if not self.usage:
+            return None
+        return TokenUsage(
+            sum(usage.prompt_tokens for usage in self.usage),
+            sum(usage.completion_tokens for usage in self.usage),
+            sum(usage.total_tokens for usage in self.usage),
+        )
+
+
+def _with_ids(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
+    """Every call with an id of its own: some servers send none, or the same one twice."""
+    seen: set[str] = set()
+    fixed = []
+    for call in calls:
+        if not call.id or call.id in seen or len(call.id) > 100:
+            call = replace(call, id=f"call_{uuid.uuid4().hex[:24]}")
+        seen.add(call.id)
+        fixed.append(call)
+    return tuple(fixed)
 
 
 class ReplyRunner:
@@ -54,31 +116,27 @@ class ReplyRunner:
         request: CompletionRequest,
         started: float,
         follow_up: FollowUp | None = None,
+        tools: Mapping[str, Tool] | None = None,
+        prompt_tokens: int = 0,
     ) -> None:
-        """Runs as a task of its own: no request, and no database session, is held meanwhile."""
-        ttft_ms: int | None = None
-        completion: Completion | None = None
+        """Runs as a task of its own: no request, and no database session, is held meanwhile.
+
+        While the model answers with tool calls, they run and their results go back to it, up
+        to CHATBOT_MAX_TOOL_ROUNDS rounds; then the reply's text is stored."""
+        turn = _Turn(started, prompt_tokens)
         error: AppError | None = None
         status = MessageStatus.COMPLETED
         try:
             async with asyncio.timeout(self._settings.request_timeout):
-                # An empty reply is asked for once more: nothing reached the client yet.
-                for attempt in range(2):
-                    async for event in self._llm.stream(request):
-                        if isinstance(event, Completion):
-                            completion = event
-                        elif text := event.text.replace("\x00", ""):
-                            # PostgreSQL cannot store NUL in text; nobody can read it either.
-                            if ttft_ms is None:
-                                ttft_ms = elapsed_ms(started)
-                            generation.append(text)
-                    if generation.length or attempt:
+                while True:
+                    completion = await self._complete(generation, request, turn)
+                    if not completion.tool_calls:
                         break
-                    logger.info("reply %s came back empty; retrying once", generation.message_id)
-            if not generation.length:
+                    request = await self._tool_round(generation, request, completion, tools, turn)
+            if not generation.content:
                 status = MessageStatus.FAILED
                 error = UpstreamError("The model returned an empty reply", code="empty_reply")
-        except UpstreamError as exc:
+        except AppError as exc:  # the provider failed, or the user's quota ran out mid-turn
             error = exc
         except TimeoutError:
             error = UpstreamError(
@@ -86,6 +144,8 @@ class ReplyRunner:
                 code="reply_timeout",
                 status=504,
             )
+        except _Superseded:
+            generation.stop_reason = StopReason.SUPERSEDED
         except asyncio.CancelledError:
             # Leaving the stream closed the upstream connection; now record why it stopped.
             reason = generation.stop_reason or StopReason.SHUTDOWN
@@ -97,22 +157,231 @@ class ReplyRunner:
                     "The service stopped during the reply", code="shutdown", status=503
                 )
             generation.finishing = True
-            await self._store(
-                generation, request.model, status, error, completion, ttft_ms, started
-            )
+            await self._settle_pending(generation, turn, request.model)
+            await self._store(generation, request.model, status, error, turn)
             raise
         except Exception:
             logger.exception("reply %s failed", generation.message_id)
             error = AppError()
         if error is not None and status is MessageStatus.COMPLETED:
-            status = MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED
+            status = MessageStatus.INCOMPLETE if generation.content else MessageStatus.FAILED
         # From here on a cancel, a checkpoint or a shutdown must not interrupt the store.
         generation.finishing = True
-        reply_tokens = await self._store(
-            generation, request.model, status, error, completion, ttft_ms, started
-        )
+        await self._settle_pending(generation, turn, request.model)
+        reply_tokens = await self._store(generation, request.model, status, error, turn)
         if self._after_reply is not None and follow_up is not None:
             self._after_reply(follow_up, reply_tokens)
+
+    async def _complete(
+        self, generation: Generation, request: CompletionRequest, turn: _Turn
+    ) -> Completion:
+        """One call to the model, streamed into the reply. A call that brings nothing at all
+        is made once more: nothing of it reached the client."""
+        completion: Completion | None = None
+        for attempt in range(2):
+            async for event in self._llm.stream(request):
+                if isinstance(event, Completion):
+                    completion = event
+                elif text := event.text.replace("\x00", ""):
+                    # PostgreSQL cannot store NUL in text; nobody can read it either.
+                    turn.first_output()
+                    generation.append(text)
+            if generation.round_has_output or (completion and completion.tool_calls) or attempt:
+                break
+            logger.info("reply %s came back empty; retrying once", generation.message_id)
+        completion = completion or Completion(finish_reason=None, usage=None, model=None)
+        turn.completion = completion
+        if completion.usage is not None:
+            turn.usage.append(completion.usage)
+            turn.unrecorded_tokens = completion.usage.total_tokens
+        else:
+            turn.unrecorded_tokens = self._counter.count_text(
+                generation.content + "".join(call.arguments for call in completion.tool_calls),
+                request.model,
+            )
+        return completion
+
+    async def _tool_round(
+        self,
+        generation: Generation,
+        request: CompletionRequest,
+        completion: Completion,
+        tools: Mapping[str, Tool] | None,
+        turn: _Turn,
+    ) -> CompletionRequest:
+        """Store the calls, run them, store their results, and ask the model again with them."""
+        if not request.tools:
+            raise UpstreamError(
+                "The model asked for tools it was not offered", code="unexpected_tool_calls"
+            )
+        if request.tool_choice == "none":
+            raise UpstreamError(
+                f"The model asked for tools after the last of "
+                f"{self._settings.max_tool_rounds} rounds",
+                code="too_many_tool_rounds",
+            )
+        turn.rounds += 1
+        calls = _with_ids(completion.tool_calls)
+        text = generation.content
+        first_result_seq = await self._store_calls(generation, text, calls, turn)
+        generation.new_round()
+        for call in calls:
+            turn.first_output()
+            event = call_data(call.to_openai())
+            generation.add_event("tool_call", event)
+            turn.calls.append(event | {"status": None, "result": None})
+        results: dict[str, ToolResult] = {}
+        turn.pending = (calls, first_result_seq, results)
+        await self._run_calls(generation, calls, tools or {}, results, turn)
+        await self._store_results(generation, calls, first_result_seq, results, request.model)
+        turn.pending = None
+        messages = [
+            *request.messages,
+            ChatMessage("assistant", text, tool_calls=[call.to_openai() for call in calls]),
+            *(
+                ChatMessage("tool", results[call.id].content, tool_call_id=call.id)
+                for call in calls
+            ),
+        ]
+        added = messages[len(request.messages) :]
+        turn.prompt_tokens += self._counter.count_text(
+            json.dumps(added[0].tool_calls), request.model
+        ) + sum(self._counter.count_message(message.content, request.model) for message in added)
+        async with self._sessionmaker() as session:
+            # Every round is a call to the model: it counts against the user's day.
+            await quotas.check_turn(session, self._settings, generation.user_id, turn.prompt_tokens)
+        last = turn.rounds >= self._settings.max_tool_rounds
+        return replace(request, messages=messages, tool_choice="none" if last else None)
+
+    async def _store_calls(
+        self, generation: Generation, text: str, calls: tuple[ToolCall, ...], turn: _Turn
+    ) -> int:
+        """Put the message that called tools where the reply stood, keep a position for each
+        result, and move the reply after them. Returns the position of the first result."""
+        assert generation.reply_seq is not None
+        seq = generation.reply_seq
+        positions = len(calls) + 1
+        completion = turn.completion
+        model = completion.model if completion and completion.model else None
+        now = utcnow()
+        async with self._sessionmaker() as session:
+            moved = await conversations.extend_reply(
+                session, generation.conversation_id, generation.message_id, positions
+            ) and await messages.move_reply(
+                session, generation.message_id, from_seq=seq, to_seq=seq + positions
+            )
+            if not moved:
+                raise _Superseded()
+            messages.add(
+                session,
+                Message(
+                    id=uuid.uuid4(),
+                    conversation_id=generation.conversation_id,
+                    seq=seq,
+                    role=Role.ASSISTANT,
+                    content=text,
+                    token_count=self._counter.count_text(text, model or self._settings.model),
+                    status=MessageStatus.COMPLETED,
+                    model=(model or "")[:200] or None,
+                    finish_reason="tool_calls",
+                    tool_calls=[call.to_openai() for call in calls],
+                    created_at=now,
+                    completed_at=now,
+                ),
+            )
+            await quotas.record_usage(session, generation.user_id, turn.unrecorded_tokens)
+            await session.commit()
+        turn.unrecorded_tokens = 0
+        generation.reply_seq = seq + positions
+        return seq + 1
+
+    async def _run_calls(
+        self,
+        generation: Generation,
+        calls: tuple[ToolCall, ...],
+        tools: Mapping[str, Tool],
+        results: dict[str, ToolResult],
+        turn: _Turn,
+    ) -> None:
+        """Run the calls side by side, each bounded in time and size; their results go out in
+        the order of the calls, as they will be stored."""
+        context = ToolContext(generation.user_id, self._sessionmaker)
+        announced = 0
+
+        async def run(call: ToolCall) -> None:
+            nonlocal announced
+            tool = tools.get(call.name)
+            if tool is None:
+                result = error_result(f"there is no tool named {call.name!r}")
+            else:
+                result = await run_tool(
+                    tool,
+                    context,
+                    call.arguments,
+                    timeout_seconds=self._settings.tool_timeout_seconds,
+                    max_result_chars=self._settings.tool_max_result_chars,
+                )
+            results[call.id] = result
+            while announced < len(calls) and calls[announced].id in results:
+                done = calls[announced]
+                outcome = results[done.id]
+                event = result_data(done.id, done.name, outcome.status, outcome.content)
+                generation.add_event("tool_result", event)
+                turn.calls[len(turn.calls) - len(calls) + announced].update(
+                    status=event["status"], result=event["result"]
+                )
+                announced += 1
+
+        async with asyncio.TaskGroup() as group:
+            for call in calls:
+                group.create_task(run(call))
+
+    async def _store_results(
+        self,
+        generation: Generation,
+        calls: tuple[ToolCall, ...],
+        first_seq: int,
+        results: dict[str, ToolResult],
+        model: str,
+    ) -> None:
+        now = utcnow()
+        async with self._sessionmaker() as session:
+            messages.add(
+                session,
+                *(
+                    Message(
+                        id=uuid.uuid4(),
+                        conversation_id=generation.conversation_id,
+                        seq=first_seq + index,
+                        role=Role.TOOL,
+                        content=results[call.id].content,
+                        token_count=self._counter.count_text(results[call.id].content, model),
+                        status=MessageStatus.COMPLETED,
+                        tool_call_id=call.id,
+                        error=tool_error(results[call.id].content)
+                        if results[call.id].status == "error"
+                        else None,
+                        created_at=now,
+                        completed_at=now,
+                    )
+                    for index, call in enumerate(calls)
+                ),
+            )
+            await session.commit()
+
+    async def _settle_pending(self, generation: Generation, turn: _Turn, model: str) -> None:
+        """A round stopped while its calls ran: every stored call still gets a result, or the
+        conversation could not be sent to a model again."""
+        if turn.pending is None:
+            return
+        calls, first_seq, results = turn.pending
+        turn.pending = None
+        for call in calls:
+            results.setdefault(call.id, error_result("the reply stopped before this call ended"))
+        try:
+            await self._store_results(generation, calls, first_seq, results, model)
+        except Exception:
+            logger.exception("could not store the results of reply %s", generation.message_id)
 
     async def _store(
         self,
@@ -120,9 +389,7 @@ class ReplyRunner:
         model: str,
         status: MessageStatus,
         error: AppError | None,
-        completion: Completion | None,
-        ttft_ms: int | None,
-        started: float,
+        turn: _Turn,
     ) -> int:
         """Commit the reply once; its row may already be final if it was finished elsewhere.
         Returns the reply's length in tokens."""
@@ -131,8 +398,8 @@ class ReplyRunner:
             "content": content,
             "token_count": self._counter.count_text(content, model),
             "status": status,
-            "latency_ms": elapsed_ms(started),
-            "ttft_ms": ttft_ms,
+            "latency_ms": elapsed_ms(turn.started),
+            "ttft_ms": turn.ttft_ms,
             "completed_at": utcnow(),
             "error": (
                 {"code": error.code, "detail": error.detail, "status": error.status}
@@ -140,25 +407,29 @@ class ReplyRunner:
                 else None
             ),
         }
-        if completion is not None:
+        if (completion := turn.completion) is not None:
             # Whatever the provider sends must fit the columns it is stored in.
             values["finish_reason"] = (completion.finish_reason or "")[:50] or None
             if completion.model:
                 values["model"] = completion.model[:200]
-            if completion.usage is not None:
-                values["prompt_tokens"] = completion.usage.prompt_tokens
-                values["completion_tokens"] = completion.usage.completion_tokens
-                values["total_tokens"] = completion.usage.total_tokens
+        if (usage := turn.summed_usage()) is not None:
+            values["prompt_tokens"] = usage.prompt_tokens
+            values["completion_tokens"] = usage.completion_tokens
+            values["total_tokens"] = usage.total_tokens
         outcome: Outcome | None = None
         try:
             stored: Message | None = None
             if generation.stop_reason is not StopReason.SUPERSEDED:
-                stored, failure = await self._commit(generation, values)
+                stored, failure = await self._commit(
+                    generation, values, turn.unrecorded_tokens or values["token_count"]
+                )
                 error = failure or error
             if stored is None:  # finished elsewhere, superseded, gone, or not stored
                 outcome = await self._stored_outcome(generation, error)
             else:
-                outcome = outcome_of(stored, headers=error.headers if error else None)
+                outcome = outcome_of(
+                    stored, headers=error.headers if error else None, tool_calls=turn.calls
+                )
         except Exception:
             logger.exception("could not read back reply %s", generation.message_id)
             outcome = _unknown(generation)
@@ -168,7 +439,7 @@ class ReplyRunner:
         return int(values["token_count"])
 
     async def _commit(
-        self, generation: Generation, values: dict[str, Any]
+        self, generation: Generation, values: dict[str, Any], tokens: int
     ) -> tuple[Message | None, AppError | None]:
         """Store the reply and free its conversation, retrying a busy or restarting database;
         if that still fails, at least mark it failed and free the conversation."""
@@ -179,11 +450,7 @@ class ReplyRunner:
                     await conversations.release_reply(
                         session, generation.conversation_id, generation.message_id
                     )
-                    await quotas.record_usage(
-                        session,
-                        generation.user_id,
-                        values.get("total_tokens") or values["token_count"],
-                    )
+                    await quotas.record_usage(session, generation.user_id, tokens)
                     await session.commit()
                 return stored, None
             except Exception:
@@ -196,7 +463,7 @@ class ReplyRunner:
                 await asyncio.sleep(delay)
         error = AppError("The reply could not be stored", code="storage_failed", status=503)
         fallback = {
-            "status": MessageStatus.INCOMPLETE if generation.length else MessageStatus.FAILED,
+            "status": MessageStatus.INCOMPLETE if generation.content else MessageStatus.FAILED,
             "error": {"code": error.code, "detail": error.detail, "status": error.status},
             "completed_at": utcnow(),
         }
@@ -215,9 +482,14 @@ class ReplyRunner:
     async def _stored_outcome(self, generation: Generation, error: AppError | None) -> Outcome:
         async with self._sessionmaker() as session:
             stored = await messages.get(session, generation.message_id)
+            turn = await messages.turn_of(session, stored) if stored else []
         if stored is None:
             return _lost(generation, error)
-        return outcome_of(stored, headers=error.headers if error else None)
+        return outcome_of(
+            stored,
+            headers=error.headers if error else None,
+            tool_calls=calls_made(stored_events(turn)),
+        )
 
 
 def _unknown(generation: Generation) -> Outcome:

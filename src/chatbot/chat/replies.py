@@ -73,6 +73,7 @@ class Replies:
             "conversation_id": str(turn.conversation_id),
             "user_message": turn.user_message.model_dump(mode="json"),
             "assistant_message": outcome.message,
+            "tool_calls": outcome.tool_calls,
         }
         if outcome.problem is not None:
             return JSONResponse(

@@ -18,6 +18,7 @@ from chatbot.deps import (
     RegistryDep,
     SessionDep,
     SettingsDep,
+    ToolsDep,
     app_state,
 )
 from chatbot.errors import BadRequest, conversation_not_found, problem_responses
@@ -40,8 +41,9 @@ async def get_chat_service(
     llm: LLMDep,
     registry: RegistryDep,
     context: ContextBuilderDep,
+    tools: ToolsDep,
 ) -> ChatService:
-    return ChatService(settings, session, runner, llm, registry, context)
+    return ChatService(settings, session, runner, llm, registry, context, tools)
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]

@@ -1,4 +1,5 @@
 import uuid
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +13,7 @@ from chatbot.validation import (
     SystemPrompt,
     Temperature,
     Title,
+    ToolsetNames,
 )
 
 # A hard ceiling for the schema; the configured CHATBOT_MAX_MESSAGE_CHARS applies below it.
@@ -44,12 +46,28 @@ class ChatRequest(TurnOptions):
     system_prompt: SystemPrompt | None = None
     prompt_profile: ProfileName | None = None
     metadata: Metadata | None = None
+    toolsets: ToolsetNames | None = Field(
+        default=None, description="For a new conversation: omitted, the default toolsets"
+    )
+
+
+class ToolCallOut(BaseModel):
+    """A call the reply made; the tool messages hold the full results."""
+
+    id: str
+    name: str | None
+    arguments: str | None = Field(description="JSON text, as the model wrote it")
+    status: Literal["ok", "error"] | None = Field(description="null: stopped before it ended")
+    result: str | None = Field(description="The start of the result")
 
 
 class TurnOut(BaseModel):
     conversation_id: uuid.UUID
     user_message: MessageOut
     assistant_message: MessageOut
+    tool_calls: list[ToolCallOut] = Field(
+        default_factory=list, description="The tools the reply called, in order"
+    )
 
 
 class BackgroundTurnOut(TurnOut):

@@ -32,6 +32,7 @@ from chatbot.messages.schemas import MessageOut
 from chatbot.quotas import service as quotas
 from chatbot.streams.keeper import IDEMPOTENCY_WINDOW
 from chatbot.streams.registry import Generation, ReplyRegistry
+from chatbot.tools.registry import ToolRegistry
 
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
 """1 to 255 visible ASCII characters, inner spaces allowed (a structured-field string)."""
@@ -79,8 +80,10 @@ class ChatService:
         llm: LLMClient,
         registry: ReplyRegistry,
         context: ContextBuilder,
+        tools: ToolRegistry,
     ) -> None:
         self._context = context
+        self._tools = tools
         self._settings = settings
         self._session = session
         self._runner = runner
@@ -147,7 +150,9 @@ class ChatService:
                 system_prompt=body.system_prompt,
                 prompt_profile=body.prompt_profile,
                 metadata=body.metadata or {},
+                toolsets=body.toolsets,
             ),
+            self._tools,
         )
         conversation.message_count = 2
         conversation.active_reply_id = assistant_id
@@ -246,6 +251,12 @@ class ChatService:
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
+        tools = self._tools.tools(
+            self._tools.default if conversation.toolsets is None else conversation.toolsets
+        )
+        if self._settings.max_tool_rounds == 0:
+            tools = {}
+        tool_specs = [tool.to_openai() for tool in tools.values()]
         # Raises 413 before anything is stored or sent when the message cannot fit.
         context = await self._context.plan(
             self._session,
@@ -254,6 +265,7 @@ class ChatService:
             new_content=content,
             model=model,
             max_output_tokens=options.max_output_tokens,
+            tool_tokens=self._context.count(json.dumps(tool_specs), model) if tool_specs else 0,
         )
         await quotas.check_turn(
             self._session, self._settings, conversation.user_id, context.total_tokens
@@ -291,11 +303,13 @@ class ChatService:
             messages=context.messages,
             temperature=options.temperature,
             max_output_tokens=options.max_output_tokens,
+            tools=tool_specs or None,
         )
         # The user message is durable before the model is called.
         await self._session.commit()
 
         generation = Generation(assistant_id, conversation.id, conversation.user_id)
+        generation.reply_seq = assistant_message.seq
         follow_up = FollowUp(
             conversation_id=conversation.id,
             untitled=conversation.title is None,
@@ -304,7 +318,12 @@ class ChatService:
             context_tokens=context.total_tokens,
             budget=context.budget,
         )
-        self._registry.start(generation, self._runner.run(generation, request, started, follow_up))
+        self._registry.start(
+            generation,
+            self._runner.run(
+                generation, request, started, follow_up, tools, prompt_tokens=context.total_tokens
+            ),
+        )
         return Turn(
             conversation_id=conversation.id,
             user_message=MessageOut.of(user_message),

@@ -68,11 +68,14 @@ class ContextPlan:
     history_tokens: list[int]
     new_message_tokens: int
     messages: list[ChatMessage] = field(repr=False)
+    tool_tokens: int = 0
+    """The definitions of the tools the model is offered."""
 
     @property
     def total_tokens(self) -> int:
         return (
-            self.system_tokens
+            self.tool_tokens
+            + self.system_tokens
             + self.summary_tokens
             + sum(self.history_tokens)
             + self.new_message_tokens
@@ -103,6 +106,28 @@ def _as_chat_message(message: Message) -> ChatMessage:
         tool_calls=message.tool_calls,
         tool_call_id=message.tool_call_id,
     )
+
+
+_NO_RESULT = '{"error": "no result was recorded for this call"}'
+
+
+def _paired(history: list[Message]) -> list[ChatMessage]:
+    """The history with every call answered right after the message that made it, as
+    providers insist: a call whose result was never stored (the process died mid-call) gets
+    one saying so, and a result whose call is not in the window is left out."""
+    sent: list[ChatMessage] = []
+    waiting: list[str] = []
+    for message in history:
+        if message.role is Role.TOOL:
+            if message.tool_call_id in waiting:
+                waiting.remove(message.tool_call_id)
+                sent.append(_as_chat_message(message))
+            continue
+        sent += [ChatMessage("tool", _NO_RESULT, tool_call_id=call) for call in waiting]
+        sent.append(_as_chat_message(message))
+        waiting = [str(call.get("id")) for call in message.tool_calls or []]
+    sent += [ChatMessage("tool", _NO_RESULT, tool_call_id=call) for call in waiting]
+    return sent
 
 
 class ContextBuilder:
@@ -150,6 +175,7 @@ class ContextBuilder:
         new_content: str | None,
         model: str,
         max_output_tokens: int | None = None,
+        tool_tokens: int = 0,
     ) -> ContextPlan:
         """The context of a turn whose user message sits at `before_seq`."""
         budget = self.budget(model, max_output_tokens)
@@ -160,10 +186,10 @@ class ContextBuilder:
         new_tokens = (
             self._counter.count_message(new_content, model) if new_content is not None else 0
         )
-        fixed = system_tokens + summary_tokens + new_tokens + REPLY_PRIMING_TOKENS
+        fixed = tool_tokens + system_tokens + summary_tokens + new_tokens + REPLY_PRIMING_TOKENS
         if fixed > budget:
             raise ContextTooLarge(
-                f"The message needs {fixed} tokens with the system prompt and summary; "
+                f"The message needs {fixed} tokens with the system prompt, summary and tools; "
                 f"the context budget of {model} is {budget}"
             )
         history, history_tokens = await self._whole_turns(
@@ -172,7 +198,7 @@ class ContextBuilder:
         chat_messages = [ChatMessage("system", system_prompt)]
         if summary_text:
             chat_messages.append(ChatMessage("system", summary_text))
-        chat_messages += [_as_chat_message(message) for message in history]
+        chat_messages += _paired(history)
         if new_content is not None:
             chat_messages.append(ChatMessage("user", new_content))
         return ContextPlan(
@@ -189,6 +215,7 @@ class ContextBuilder:
             history_tokens=history_tokens,
             new_message_tokens=new_tokens,
             messages=chat_messages,
+            tool_tokens=tool_tokens,
         )
 
     async def _whole_turns(

@@ -55,8 +55,18 @@ def clean_title(text: str) -> str:
     return title[:MAX_TITLE_CHARS]
 
 
+def _line(message: Message) -> str:
+    """One message as the summary model reads it; a message that called tools names them."""
+    calls = ", ".join(
+        f"{call.get('function', {}).get('name')}({call.get('function', {}).get('arguments')})"
+        for call in message.tool_calls or []
+    )
+    text = f"{message.content} [called {calls}]" if calls else message.content
+    return f"{message.role.value}: {text.strip()}"
+
+
 def transcript(rows: list[Message]) -> str:
-    return "\n".join(f"{message.role.value}: {message.content}" for message in rows)
+    return "\n".join(_line(message) for message in rows)
 
 
 def extractive_summary(previous: str | None, rows: list[Message], words: int) -> str:

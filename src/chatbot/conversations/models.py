@@ -29,6 +29,8 @@ class Conversation(Base):
     active_reply_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     # The rolling summary of what fell out of the context: it covers every message whose
     # position is at most summary_upto_seq.
+    toolsets: Mapped[list[str] | None] = mapped_column(JSONVariant)
+    """The toolsets its replies may use; None (older rows) means the configured default."""
     summary: Mapped[str | None] = mapped_column(Text)
     summary_upto_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     summary_token_count: Mapped[int | None] = mapped_column(Integer)

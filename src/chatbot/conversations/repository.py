@@ -89,6 +89,20 @@ async def claim_reply(
     return claimed
 
 
+async def extend_reply(
+    session: AsyncSession, conversation_id: uuid.UUID, reply_id: uuid.UUID, positions: int
+) -> bool:
+    """Claim `positions` more message positions for a running reply's tool calls and results.
+    False when the reply no longer holds the conversation (cancelled, swept or deleted)."""
+    result = await session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
+        .values(message_count=Conversation.message_count + positions)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
 async def release_reply(
     session: AsyncSession, conversation_id: uuid.UUID, reply_id: uuid.UUID
 ) -> None:

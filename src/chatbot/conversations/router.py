@@ -4,7 +4,7 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import service
 from chatbot.conversations.deps import OwnedConversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
-from chatbot.deps import ProfilesDep, RegistryDep, SessionDep
+from chatbot.deps import ProfilesDep, RegistryDep, SessionDep, ToolsDep
 from chatbot.pagination import DEFAULT_LIMIT, Cursor, Limit, Page
 from chatbot.streams.registry import StopReason
 
@@ -13,24 +13,31 @@ router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_conversation(
-    body: ConversationCreate, user_id: CurrentUser, session: SessionDep, profiles: ProfilesDep
+    body: ConversationCreate,
+    user_id: CurrentUser,
+    session: SessionDep,
+    profiles: ProfilesDep,
+    tools: ToolsDep,
 ) -> ConversationOut:
-    return await service.create(session, user_id, body, profiles)
+    return await service.create(session, user_id, body, profiles, tools)
 
 
 @router.get("")
 async def list_conversations(
     user_id: CurrentUser,
     session: SessionDep,
+    tools: ToolsDep,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> Page[ConversationOut]:
-    return await service.list_page(session, user_id, limit=limit, cursor=cursor)
+    return await service.list_page(
+        session, user_id, limit=limit, cursor=cursor, default_toolsets=tools.default
+    )
 
 
 @router.get("/{conversation_id}")
-async def get_conversation(conversation: OwnedConversation) -> ConversationOut:
-    return ConversationOut.of(conversation)
+async def get_conversation(conversation: OwnedConversation, tools: ToolsDep) -> ConversationOut:
+    return ConversationOut.of(conversation, tools.default)
 
 
 @router.patch("/{conversation_id}")
@@ -39,8 +46,9 @@ async def update_conversation(
     body: ConversationUpdate,
     session: SessionDep,
     profiles: ProfilesDep,
+    tools: ToolsDep,
 ) -> ConversationOut:
-    return await service.update(session, conversation, body, profiles)
+    return await service.update(session, conversation, body, profiles, tools)
 
 
 @router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -5,7 +5,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatbot.conversations.models import Conversation
-from chatbot.validation import Metadata, ModelName, ProfileName, SystemPrompt, Title
+from chatbot.validation import (
+    Metadata,
+    ModelName,
+    ProfileName,
+    SystemPrompt,
+    Title,
+    ToolsetNames,
+)
 
 
 class ConversationCreate(BaseModel):
@@ -16,6 +23,9 @@ class ConversationCreate(BaseModel):
     system_prompt: SystemPrompt | None = None
     prompt_profile: ProfileName | None = None
     metadata: Metadata = Field(default_factory=dict)
+    toolsets: ToolsetNames | None = Field(
+        default=None, description="Omitted: the service's default toolsets; [] for none"
+    )
 
 
 class ConversationUpdate(BaseModel):
@@ -28,6 +38,7 @@ class ConversationUpdate(BaseModel):
     system_prompt: SystemPrompt | None = None
     prompt_profile: ProfileName | None = None
     metadata: Metadata | None = None
+    toolsets: ToolsetNames | None = None
 
 
 class ConversationOut(BaseModel):
@@ -37,13 +48,14 @@ class ConversationOut(BaseModel):
     system_prompt: str | None
     prompt_profile: str | None
     metadata: dict[str, Any]
+    toolsets: list[str]
     message_count: int
     created_at: datetime
     updated_at: datetime
     last_message_at: datetime | None
 
     @classmethod
-    def of(cls, conversation: Conversation) -> "ConversationOut":
+    def of(cls, conversation: Conversation, default_toolsets: list[str]) -> "ConversationOut":
         return cls(
             id=conversation.id,
             title=conversation.title,
@@ -51,6 +63,7 @@ class ConversationOut(BaseModel):
             system_prompt=conversation.system_prompt,
             prompt_profile=conversation.prompt_profile,
             metadata=conversation.metadata_ or {},
+            toolsets=default_toolsets if conversation.toolsets is None else conversation.toolsets,
             message_count=conversation.message_count,
             created_at=conversation.created_at,
             updated_at=conversation.updated_at,

@@ -10,19 +10,25 @@ from chatbot.conversations.schemas import ConversationCreate, ConversationOut, C
 from chatbot.db import utcnow
 from chatbot.errors import BadRequest, conversation_not_found
 from chatbot.pagination import Page, decode_cursor, encode_cursor
+from chatbot.tools.registry import ToolRegistry
 
 
 async def create(
-    session: AsyncSession, user_id: str, body: ConversationCreate, profiles: PromptProfiles
+    session: AsyncSession,
+    user_id: str,
+    body: ConversationCreate,
+    profiles: PromptProfiles,
+    tools: ToolRegistry,
 ) -> ConversationOut:
     profiles.check(body.prompt_profile)
-    conversation = new_conversation(user_id, body)
+    conversation = new_conversation(user_id, body, tools)
     repository.add(session, conversation)
     await session.commit()
-    return ConversationOut.of(conversation)
+    return ConversationOut.of(conversation, tools.default)
 
 
-def new_conversation(user_id: str, body: ConversationCreate) -> Conversation:
+def new_conversation(user_id: str, body: ConversationCreate, tools: ToolRegistry) -> Conversation:
+    tools.check(body.toolsets)
     now = utcnow()
     return Conversation(
         id=uuid.uuid4(),
@@ -32,6 +38,7 @@ def new_conversation(user_id: str, body: ConversationCreate) -> Conversation:
         system_prompt=body.system_prompt,
         prompt_profile=body.prompt_profile,
         metadata_=body.metadata,
+        toolsets=tools.default if body.toolsets is None else body.toolsets,
         message_count=0,
         created_at=now,
         updated_at=now,
@@ -39,7 +46,12 @@ def new_conversation(user_id: str, body: ConversationCreate) -> Conversation:
 
 
 async def list_page(
-    session: AsyncSession, user_id: str, *, limit: int, cursor: str | None
+    session: AsyncSession,
+    user_id: str,
+    *,
+    limit: int,
+    cursor: str | None,
+    default_toolsets: list[str],
 ) -> Page[ConversationOut]:
     before = _conversation_position(cursor) if cursor else None
     rows = await repository.list_recent(session, user_id, limit=limit + 1, before=before)
@@ -48,7 +60,9 @@ async def list_page(
         rows = rows[:limit]
         last = rows[-1]
         next_cursor = encode_cursor({"u": last.updated_at.isoformat(), "i": str(last.id)})
-    return Page(data=[ConversationOut.of(row) for row in rows], next_cursor=next_cursor)
+    return Page(
+        data=[ConversationOut.of(row, default_toolsets) for row in rows], next_cursor=next_cursor
+    )
 
 
 def _conversation_position(cursor: str) -> tuple[datetime, uuid.UUID]:
@@ -67,16 +81,18 @@ async def update(
     conversation: Conversation,
     body: ConversationUpdate,
     profiles: PromptProfiles,
+    tools: ToolRegistry,
 ) -> ConversationOut:
     changes = body.model_dump(include=body.model_fields_set)
     profiles.check(changes.get("prompt_profile"))
+    tools.check(changes.get("toolsets"))
     if "metadata" in changes:
         conversation.metadata_ = changes.pop("metadata") or {}
     for field, value in changes.items():
         setattr(conversation, field, value)
     conversation.updated_at = utcnow()
     await session.commit()
-    return ConversationOut.of(conversation)
+    return ConversationOut.of(conversation, tools.default)
 
 
 async def delete(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> None:

@@ -4,7 +4,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chatbot.conversations.models import Conversation
 from chatbot.errors import message_not_found
 from chatbot.ids import parse_id
-from chatbot.messages.models import Message
+from chatbot.messages import repository as messages
+from chatbot.messages.models import Message, Role
 
 
 async def get_owned_message(session: AsyncSession, user_id: str, message_id: str) -> Message:
@@ -23,8 +24,6 @@ async def get_owned_message(session: AsyncSession, user_id: str, message_id: str
 
 
 async def preceding_user_message(session: AsyncSession, message: Message) -> Message | None:
-    return await session.scalar(
-        select(Message).where(
-            Message.conversation_id == message.conversation_id, Message.seq == message.seq - 1
-        )
-    )
+    """The user message a reply answers (tool calls and results may lie between them)."""
+    turn = await messages.turn_of(session, message)
+    return turn[0] if turn and turn[0].role is Role.USER else None

@@ -1,10 +1,10 @@
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot.messages.models import Message, MessageStatus
+from chatbot.messages.models import Message, MessageStatus, Role
 
 
 async def list_after(
@@ -58,6 +58,30 @@ async def between(
     return list(rows)
 
 
+async def turn_of(session: AsyncSession, reply: Message) -> list[Message]:
+    """The user message that started a reply's turn and the tool calls and results stored
+    since, oldest first: everything from the turn's start up to the reply."""
+    start = (
+        select(func.max(Message.seq))
+        .where(
+            Message.conversation_id == reply.conversation_id,
+            Message.seq < reply.seq,
+            Message.role == Role.USER,
+        )
+        .scalar_subquery()
+    )
+    rows = await session.scalars(
+        select(Message)
+        .where(
+            Message.conversation_id == reply.conversation_id,
+            Message.seq >= start,
+            Message.seq < reply.seq,
+        )
+        .order_by(Message.seq)
+    )
+    return list(rows)
+
+
 async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
     return await session.get(Message, message_id, populate_existing=True)
 
@@ -76,6 +100,24 @@ async def finish(
         .execution_options(populate_existing=True, synchronize_session=False)
     )
     return stored
+
+
+async def move_reply(
+    session: AsyncSession, message_id: uuid.UUID, *, from_seq: int, to_seq: int
+) -> bool:
+    """Move a running reply to a later position and empty it: its text so far belongs to the
+    message that called tools, which takes its place. False if it is no longer running."""
+    result = await session.execute(
+        update(Message)
+        .where(
+            Message.id == message_id,
+            Message.seq == from_seq,
+            Message.status == MessageStatus.IN_PROGRESS,
+        )
+        .values(seq=to_seq, content="")
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def add(session: AsyncSession, *messages: Message) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -10,16 +11,21 @@ from chatbot.errors import problem
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus
 from chatbot.messages.schemas import MessageOut
-from chatbot.streams.registry import Delta, Deltas, Outcome, ReplyRegistry
+from chatbot.streams.registry import Delta, Deltas, Item, Outcome, ReplyRegistry, ToolEvent
+from chatbot.tools.events import calls_made, stored_events
 
 _FAILED = (MessageStatus.FAILED, MessageStatus.INCOMPLETE)
 
 
-def outcome_of(message: Message, headers: dict[str, str] | None = None) -> Outcome:
+def outcome_of(
+    message: Message,
+    headers: dict[str, str] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> Outcome:
     """The outcome a stored, finished reply stands for."""
     stored = MessageOut.of(message).model_dump(mode="json")
     if message.status not in _FAILED:
-        return Outcome(message=stored)
+        return Outcome(message=stored, tool_calls=tool_calls or [])
     error = message.error or {}
     return Outcome(
         message=stored,
@@ -30,7 +36,36 @@ def outcome_of(message: Message, headers: dict[str, str] | None = None) -> Outco
             assistant_message_id=str(message.id),
         ),
         headers=headers,
+        tool_calls=tool_calls or [],
     )
+
+
+def stored_items(turn: list[Message], reply: Message) -> list[Item]:
+    """A stored reply as the stream it was: the tool rounds of its turn, then its text, with
+    the positions the live stream gave them."""
+    items: list[Item] = []
+    position = 0
+    for kind, data in [*stored_events(turn), ("text", reply.content)]:
+        if isinstance(data, str):
+            position += len(data)
+            if data:
+                items.append(Delta(data, position))
+        else:
+            position += 1
+            items.append(ToolEvent(kind, data, position))
+    return items
+
+
+def _after(items: list[Item], position: int) -> list[Item]:
+    """The part of `items` past `position`, cutting into a delta where it falls."""
+    rest: list[Item] = []
+    for item in items:
+        if item.end <= position:
+            continue
+        if isinstance(item, Delta) and item.end - len(item.text) < position:
+            item = Delta(item.text[len(item.text) - (item.end - position) :], item.end)
+        rest.append(item)
+    return rest
 
 
 class ReplyFollower:
@@ -47,7 +82,7 @@ class ReplyFollower:
     async def events(
         self, message_id: uuid.UUID, starting_after: int = 0
     ) -> AsyncIterator[Deltas | Outcome]:
-        """The reply from character `starting_after` on, then its outcome.
+        """The reply from position `starting_after` on, then its outcome.
 
         A reply running in this process is followed delta by delta. Otherwise the database
         has it: finished (replayed at once) or running in another process, which checkpoints
@@ -62,6 +97,7 @@ class ReplyFollower:
         while True:
             async with self._sessionmaker() as session:
                 message = await messages.get(session, message_id)
+                turn = await messages.turn_of(session, message) if message else []
             if message is None:
                 yield Outcome(
                     message={"id": str(message_id)},
@@ -73,11 +109,12 @@ class ReplyFollower:
                     ),
                 )
                 return
-            if len(message.content) > delivered:
-                yield (Delta(message.content[delivered:], len(message.content)),)
-                delivered = len(message.content)
+            items = stored_items(turn, message)
+            if fresh := _after(items, delivered):
+                yield tuple(fresh)
+                delivered = fresh[-1].end
             if message.status is not MessageStatus.IN_PROGRESS:
-                yield outcome_of(message)
+                yield outcome_of(message, tool_calls=calls_made(stored_events(turn)))
                 return
             await asyncio.sleep(self._poll_seconds)
 

@@ -13,7 +13,7 @@ import uuid
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.chat.models import IdempotencyKey
@@ -37,6 +37,8 @@ _save_content = (
     .where(
         _messages.c.id == bindparam("message_id"),
         _messages.c.status == MessageStatus.IN_PROGRESS,
+        # A round of tool calls moved the row and took its text meanwhile: this snapshot is old.
+        _messages.c.seq == func.coalesce(bindparam("at_seq"), _messages.c.seq),
     )
     .values(content=bindparam("new_content"), checkpoint_at=bindparam("now"))
 )
@@ -75,7 +77,7 @@ class ReplyKeeper:
             return
         now = utcnow()
         snapshots = [
-            (generation, generation.content, generation.length)
+            (generation, generation.content, generation.length, generation.reply_seq)
             for generation in running
             if generation.length != generation.saved_length
         ]
@@ -84,8 +86,13 @@ class ReplyKeeper:
                 await session.execute(
                     _save_content,
                     [
-                        {"message_id": generation.message_id, "new_content": content, "now": now}
-                        for generation, content, _ in snapshots
+                        {
+                            "message_id": generation.message_id,
+                            "new_content": content,
+                            "now": now,
+                            "at_seq": seq,
+                        }
+                        for generation, content, _, seq in snapshots
                     ],
                 )
             ids = [generation.message_id for generation in running]
@@ -109,7 +116,7 @@ class ReplyKeeper:
             for generation in running
             if generation.message_id not in still_running and not generation.finishing
         ]
-        for generation, _, length in snapshots:
+        for generation, _, length, _ in snapshots:
             generation.saved_length = length
         for message_id in finished_elsewhere:
             logger.info("reply %s was finished elsewhere; stopping it here", message_id)

@@ -1,9 +1,11 @@
 """Replies run as tasks owned by the service; HTTP responses only follow them.
 
 A `Generation` buffers what the model has produced so far and wakes its followers on each
-change, so any number of clients can follow one reply, from any character, and a client that
-goes away costs the reply nothing. `ReplyRegistry` is what the rest of the service needs from
-the set of running replies; `InProcessRegistry` keeps them in this process.
+change, so any number of clients can follow one reply, from any position, and a client that
+goes away costs the reply nothing. A position counts the characters of text and one for each
+tool event: a reply that calls no tools is positioned by characters alone. `ReplyRegistry` is
+what the rest of the service needs from the set of running replies; `InProcessRegistry` keeps
+them in this process.
 """
 
 import asyncio
@@ -12,7 +14,7 @@ import enum
 import logging
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -22,11 +24,21 @@ logger = logging.getLogger(__name__)
 class Delta:
     text: str
     end: int
-    """Characters delivered once this delta is applied."""
+    """The stream position once this delta is delivered."""
 
 
-Deltas = tuple[Delta, ...]
-"""Deltas in order, available at the same moment."""
+@dataclass(frozen=True, slots=True)
+class ToolEvent:
+    """A call the model made (`tool_call`) or its result (`tool_result`), between deltas."""
+
+    kind: str
+    data: dict[str, Any]
+    end: int
+
+
+Item = Delta | ToolEvent
+Deltas = tuple[Item, ...]
+"""Deltas and tool events in order, available at the same moment."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,8 @@ class Outcome:
     problem: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     """Response headers that go with the problem (Retry-After on a 429)."""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """The calls the reply made, with the start of each result."""
 
 
 class StopReason(enum.Enum):
@@ -57,19 +71,31 @@ class Generation:
         self.finishing = False
         """Set once the reply is being stored: from then on nothing may interrupt it."""
         self.saved_length = 0
-        """How much of the content the last checkpoint stored."""
-        self._pieces: list[str] = []
+        """The position the last checkpoint stored."""
+        self.reply_seq: int | None = None
+        """Where the reply's row sits; each round of tool calls moves it past its messages."""
+        self._pieces: list[str | ToolEvent] = []
         self._ends: list[int] = []
+        self._round_start = 0
         self._outcome: Outcome | None = None
         self._changed = asyncio.Event()
 
     @property
     def content(self) -> str:
-        return "".join(self._pieces)
+        """The text of the current round: what the reply's row holds. The text of earlier
+        rounds went into the messages that called tools."""
+        return "".join(
+            piece for piece in self._pieces[self._round_start :] if isinstance(piece, str)
+        )
 
     @property
     def length(self) -> int:
+        """The stream position: characters plus tool events delivered so far."""
         return self._ends[-1] if self._ends else 0
+
+    @property
+    def round_has_output(self) -> bool:
+        return len(self._pieces) > self._round_start
 
     @property
     def outcome(self) -> Outcome | None:
@@ -79,6 +105,15 @@ class Generation:
         self._pieces.append(text)
         self._ends.append(self.length + len(text))
         self._notify()
+
+    def add_event(self, kind: str, data: dict[str, Any]) -> None:
+        self._pieces.append(ToolEvent(kind, data, self.length + 1))
+        self._ends.append(self.length + 1)
+        self._notify()
+
+    def new_round(self) -> None:
+        """What came so far is stored elsewhere; the reply's content starts again."""
+        self._round_start = len(self._pieces)
 
     def finish(self, outcome: Outcome) -> None:
         self._outcome = outcome
@@ -94,22 +129,26 @@ class Generation:
         return self._outcome
 
     async def follow(self, starting_after: int = 0) -> AsyncIterator[Deltas | Outcome]:
-        """Every delta after character `starting_after`, as it arrives, then the outcome.
+        """Every delta and tool event after position `starting_after`, as it arrives, then
+        the outcome.
 
         The deltas that arrived since the follower last woke come together: a follower that
         falls behind (a busy process) catches up in one send, not one send per delta."""
         index = bisect.bisect_right(self._ends, starting_after)
         while True:
             changed = self._changed
-            batch = []
+            batch: list[Item] = []
             while index < len(self._pieces):
                 piece, end = self._pieces[index], self._ends[index]
+                index += 1
+                if isinstance(piece, ToolEvent):
+                    batch.append(piece)
+                    continue
                 start = end - len(piece)
                 if starting_after > start:
                     piece = piece[starting_after - start :]
                 if piece:
                     batch.append(Delta(piece, end))
-                index += 1
             if batch:
                 yield tuple(batch)
                 # More may have come, and the reply may have ended, while that was sent.

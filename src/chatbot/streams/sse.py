@@ -15,7 +15,7 @@ from starlette.types import Message, Send
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.errors import BadRequest
-from chatbot.streams.registry import Delta, Deltas, Outcome
+from chatbot.streams.registry import Delta, Deltas, Item, Outcome
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 EVENT_ID_PATTERN = r"^([0-9a-fA-F-]{36}):(\d{1,12})$"
@@ -36,7 +36,7 @@ def _json(data: Any) -> str:
 
 
 def parse_event_id(value: str) -> tuple[uuid.UUID, int]:
-    """`<message_id>:<characters delivered>`, as sent back in `Last-Event-ID`."""
+    """`<message_id>:<stream position>`, as sent back in `Last-Event-ID`."""
     match = _EVENT_ID.match(value.strip())
     if match is None:
         raise BadRequest("Last-Event-ID is not an id this service sent", code="invalid_event_id")
@@ -73,23 +73,36 @@ def delta_event(event_id_prefix: str, delta: Delta) -> bytes:
     ).encode()
 
 
+def _encoded(event_id_prefix: str, item: Item) -> bytes:
+    if isinstance(item, Delta):
+        return delta_event(event_id_prefix, item)
+    return (
+        f"id: {event_id_prefix}{item.end}\r\nevent: {item.kind}\r\ndata: {_json(item.data)}\r\n\r\n"
+    ).encode()
+
+
+def done_data(outcome: Outcome) -> dict[str, Any]:
+    return {"assistant_message": outcome.message, "tool_calls": outcome.tool_calls}
+
+
 async def reply_events(
     message_id: uuid.UUID,
     items: AsyncIterator[Deltas | Outcome],
     start: ServerSentEvent | None = None,
 ) -> AsyncIterator[ServerSentEvent | bytes]:
-    """Deltas come as bytes ready for the wire; the other events as `ServerSentEvent`."""
+    """Deltas and tool events come as bytes ready for the wire; the others as
+    `ServerSentEvent`."""
     if start is not None:
         yield start
     prefix = f"{message_id}:"
     async for item in items:
         if isinstance(item, tuple):
             # Several deltas that were waiting go out in one write, each its own event.
-            yield b"".join([delta_event(prefix, delta) for delta in item])
+            yield b"".join([_encoded(prefix, each) for each in item])
         elif item.problem is not None:
             yield ServerSentEvent(event="error", data=_json(item.problem))
         else:
-            yield ServerSentEvent(event="done", data=_json({"assistant_message": item.message}))
+            yield ServerSentEvent(event="done", data=_json(done_data(item)))
 
 
 def _ping() -> ServerSentEvent:

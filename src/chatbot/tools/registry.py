@@ -1,0 +1,59 @@
+"""The toolsets this service knows: built in (written in Python) and from the MCP servers in
+the settings. A conversation names the ones its replies may use."""
+
+from collections.abc import Iterable, Mapping
+
+from chatbot.config import ConfigError, Settings
+from chatbot.errors import AppError
+from chatbot.tasks.tools import TASKS
+from chatbot.tools.base import Tool, Toolset
+from chatbot.tools.mcp_client import McpToolSource
+
+BUILT_IN = (TASKS,)
+
+
+class UnknownToolset(AppError):
+    status = 422
+    code = "unknown_toolset"
+
+
+class ToolRegistry:
+    def __init__(self, settings: Settings, built_in: Iterable[Toolset] = BUILT_IN) -> None:
+        self._built_in = {toolset.name: toolset for toolset in built_in}
+        self._mcp_names = [name for name in settings.mcp_servers if name not in self._built_in]
+        self._sources: dict[str, McpToolSource] = {}
+        self.default = list(settings.default_toolsets)
+        if clash := sorted(set(settings.mcp_servers) & set(self._built_in)):
+            raise ConfigError(f"CHATBOT_MCP_SERVERS: {', '.join(clash)} is a built-in toolset")
+        if unknown := sorted(set(self.default) - set(self.names)):
+            raise ConfigError(f"CHATBOT_DEFAULT_TOOLSETS: unknown toolset {', '.join(unknown)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [*self._built_in, *self._mcp_names]
+
+    def attach(self, sources: Iterable[McpToolSource]) -> None:
+        """The connected MCP servers; their tools appear as they are listed."""
+        self._sources = {source.name: source for source in sources}
+
+    def check(self, names: Iterable[str] | None) -> None:
+        if names is None:
+            return
+        if unknown := sorted(set(names) - set(self.names)):
+            raise UnknownToolset(
+                f"Unknown toolset: {', '.join(unknown)}; this service has "
+                f"{', '.join(self.names) or 'none'}",
+                errors=[{"loc": ["body", "toolsets"], "msg": f"unknown: {', '.join(unknown)}"}],
+            )
+
+    def tools(self, names: Iterable[str]) -> Mapping[str, Tool]:
+        """The tools of these toolsets by name, as they stand now. A toolset that is gone from
+        the settings, or an MCP server that is not connected, contributes none."""
+        found: dict[str, Tool] = {}
+        for name in names:
+            toolset = self._built_in.get(name)
+            if toolset is None and (source := self._sources.get(name)) is not None:
+                toolset = source.toolset
+            for tool in toolset.tools if toolset else ():
+                found.setdefault(tool.name, tool)
+        return found

@@ -1,0 +1,447 @@
+"""The tool loop through whole turns: a fake upstream streams tool calls in fragments, the
+service runs them for the conversation's owner, sends the results back and streams the answer;
+every step is stored, shown and replayed."""
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from chatbot.tools.base import Tool, ToolContext, Toolset
+from tests.conftest import Event, Service, collect_events, final_reply, read_events
+from tests.fake_upstream import UTILITY_MODEL, Reply
+
+FIXTURE_SERVER = Path(__file__).with_name("mcp_fixture_server.py")
+
+
+def tool_messages(request_body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [message for message in request_body["messages"] if message["role"] == "tool"]
+
+
+def model_requests(service: Service) -> list[dict[str, Any]]:
+    return [r.body for r in service.upstream.requests if r.body.get("model") != UTILITY_MODEL]
+
+
+def shape(events: list[Event]) -> list[tuple[str, Any]]:
+    """The stream with neighbouring deltas joined: how deltas are cut is not the contract."""
+    joined: list[tuple[str, Any]] = []
+    for event in events:
+        if event.event == "delta":
+            if joined and joined[-1][0] == "text":
+                joined[-1] = ("text", joined[-1][1] + event.data["content"])
+            else:
+                joined.append(("text", event.data["content"]))
+        elif event.event in ("tool_call", "tool_result"):
+            joined.append((event.event, event.data))
+    return joined
+
+
+async def stream_turn(
+    service: Service, conversation_id: str, content: str, user: str = "alice"
+) -> list[Event]:
+    async with service.client.stream(
+        "POST",
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"content": content},
+        headers=service.auth(user) | {"Accept": "text/event-stream"},
+    ) as response:
+        assert response.status_code == 200
+        return await collect_events(response)
+
+
+async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
+    start_service: Any,
+) -> None:
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(
+                tokens=["I'll", " add", " both."],
+                tool_calls=[
+                    ("call_a", "add_task", '{"title": "buy milk", "due_date": "2026-12-01"}'),
+                    ("call_b", "add_task", '{"title": "call mom"}'),
+                ],
+                fragment_size=3,
+            ),
+            Reply(tokens=["Added", " both", " tasks."]),
+        )
+        events = await stream_turn(service, conversation["id"], "add milk and mom")
+
+        kinds = [event.event for event in events]
+        assert kinds[0] == "start"
+        assert kinds[-1] == "done"
+        steps = shape(events)
+        assert steps[0] == ("text", "I'll add both.")
+        assert [kind for kind, _ in steps[1:5]] == ["tool_call"] * 2 + ["tool_result"] * 2
+        assert steps[1][1] == {
+            "id": "call_a",
+            "name": "add_task",
+            "arguments": '{"title": "buy milk", "due_date": "2026-12-01"}',
+        }
+        results = [data for kind, data in steps if kind == "tool_result"]
+        assert [(r["call_id"], r["name"], r["status"]) for r in results] == [
+            ("call_a", "add_task", "ok"),
+            ("call_b", "add_task", "ok"),
+        ]
+        assert json.loads(results[0]["result"])["title"] == "buy milk"
+        assert steps[5:] == [("text", "Added both tasks.")]
+        # Event ids are positions: unique, increasing, and tool events take one each.
+        positions = [int(event.id.rsplit(":", 1)[1]) for event in events if event.id]
+        assert positions == sorted(set(positions))
+
+        # The results went back to the model, after the call that asked for them.
+        first, second = model_requests(service)
+        assert {tool["function"]["name"] for tool in first["tools"]} >= {"add_task", "list_tasks"}
+        calling = second["messages"][-3]
+        assert calling["role"] == "assistant"
+        assert calling["content"] == "I'll add both."
+        assert [call["id"] for call in calling["tool_calls"]] == ["call_a", "call_b"]
+        sent = tool_messages(second)
+        assert [message["tool_call_id"] for message in sent] == ["call_a", "call_b"]
+        assert json.loads(sent[1]["content"])["title"] == "call mom"
+
+        # Stored in order; usage and the calls summed up on the reply.
+        stored = await service.messages(conversation["id"])
+        assert [(m["role"], m["tool_call_id"]) for m in stored] == [
+            ("user", None),
+            ("assistant", None),
+            ("tool", "call_a"),
+            ("tool", "call_b"),
+            ("assistant", None),
+        ]
+        assert stored[1]["tool_calls"][0]["function"]["name"] == "add_task"
+        assert stored[1]["content"] == "I'll add both."
+        reply = stored[-1]
+        assert reply["content"] == "Added both tasks."
+        assert reply["status"] == "completed"
+        assert reply["usage"] == {"prompt_tokens": 22, "completion_tokens": 6, "total_tokens": 28}
+        assert events[-1].data["assistant_message"]["id"] == reply["id"]
+        assert [call["id"] for call in events[-1].data["tool_calls"]] == ["call_a", "call_b"]
+        conversation = (
+            await service.client.get(
+                f"/v1/conversations/{conversation['id']}", headers=service.auth()
+            )
+        ).json()
+        assert conversation["message_count"] == 5
+
+
+async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
+    start_service: Any,
+) -> None:
+    gate = asyncio.Event()
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(tokens=["On", " it."], tool_calls=[("call_1", "add_task", '{"title": "x"}')]),
+            Reply(tokens=["Done", " now", " really"], gate=gate),
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "add x", "background": True},
+            headers=service.auth(),
+        )
+        reply_id = response.json()["assistant_message"]["id"]
+        url = f"/v1/messages/{reply_id}/stream"
+
+        async def events_after(position: int) -> list[Event]:
+            headers = service.auth() | {"Last-Event-ID": f"{reply_id}:{position}"}
+            async with service.client.stream("GET", url, headers=headers) as stream:
+                assert stream.status_code == 200
+                return await collect_events(stream)
+
+        # Live: the reply waits on the gate after its first answer token.
+        async with service.client.stream("GET", url, headers=service.auth()) as stream:
+            live: list[Event] = []
+            async for event in read_events(stream):
+                live.append(event)
+                if event.event == "delta" and event.data["content"] == "Done":
+                    break
+        resumed_live = asyncio.create_task(events_after(3))  # after "On " and a bit
+        await asyncio.sleep(0.2)
+        gate.set()
+        resumed = await resumed_live
+        assert shape(resumed)[0] == ("text", "it.")
+        assert [kind for kind, _ in shape(resumed)[1:3]] == ["tool_call", "tool_result"]
+        assert shape(resumed)[3] == ("text", "Done now really")
+
+        full = await events_after(0)
+        call_event = next(e for e in full if e.event == "tool_call")
+        assert call_event.id is not None
+        position = int(call_event.id.rsplit(":", 1)[1])
+        # Stored: from the database, the same events at the same positions.
+        stored_tail = await events_after(position)
+        assert shape(stored_tail) == shape(full)[2:]
+        assert next(e.id for e in stored_tail if e.event != "done") == f"{reply_id}:{position + 1}"
+        assert full[-1].event == "done"
+        assert [c["id"] for c in full[-1].data["tool_calls"]] == ["call_1"]
+
+
+async def test_invalid_arguments_and_a_failing_tool_reach_the_model_as_errors(
+    start_service: Any,
+) -> None:
+    async def broken(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        raise RuntimeError("disk on fire at /secret/path")
+
+    flaky = Toolset("flaky", "Tools that fail.", (Tool("explode", "Fails.", {}, broken),))
+    async with start_service(toolsets=[flaky]) as service:
+        conversation = await service.create_conversation(toolsets=["tasks", "flaky"])
+        service.upstream.queue(
+            Reply(
+                tokens=[],
+                tool_calls=[
+                    ("c1", "add_task", '{"title": 42}'),
+                    ("c2", "explode", "{}"),
+                    ("c3", "add_task", '{"title": "ok", "notes": '),  # cut-off JSON
+                    ("c4", "no_such_tool", "{}"),
+                ],
+            ),
+            Reply(tokens=["Sorry", "."]),
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "go"},
+            headers=service.auth(),
+        )
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["assistant_message"]["content"] == "Sorry."
+        assert [(c["id"], c["status"]) for c in body["tool_calls"]] == [
+            ("c1", "error"),
+            ("c2", "error"),
+            ("c3", "error"),
+            ("c4", "error"),
+        ]
+        errors = [
+            json.loads(m["content"])["error"] for m in tool_messages(model_requests(service)[1])
+        ]
+        assert errors[0].startswith("invalid arguments: title:")
+        assert errors[1] == "the tool failed"  # nothing of the exception leaks
+        assert errors[2] == "the arguments are not valid JSON"
+        assert errors[3] == "there is no tool named 'no_such_tool'"
+        stored = await service.messages(conversation["id"])
+        assert [m["error"]["code"] for m in stored if m["role"] == "tool"] == ["tool_error"] * 4
+
+
+async def test_the_round_limit_holds(start_service: Any) -> None:
+    calls = Reply(tokens=[], tool_calls=[("c", "list_tasks", "{}")])
+    async with start_service(max_tool_rounds=2) as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        # A model that keeps calling is told to answer after two rounds, and does.
+        service.upstream.queue(calls, calls, Reply(tokens=["Nothing", " to", " do."]))
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "loop"},
+            headers=service.auth(),
+        )
+        assert response.status_code == 201
+        sent = model_requests(service)
+        assert [r.get("tool_choice") for r in sent] == [None, None, "none"]
+        assert len(response.json()["tool_calls"]) == 2
+
+        # One that calls anyway has no third round run for it.
+        service.upstream.requests.clear()
+        service.upstream.queue(calls, calls, calls)
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "loop again"},
+            headers=service.auth(),
+        )
+        assert response.status_code == 502
+        assert response.json()["code"] == "too_many_tool_rounds"
+        assert len(model_requests(service)) == 3
+        stored = await service.messages(conversation["id"])
+        assert sum(1 for m in stored if m["role"] == "tool") == 4
+        assert stored[-1]["status"] == "failed"
+
+
+async def test_a_user_id_the_model_writes_acts_only_for_the_caller(start_service: Any) -> None:
+    async with start_service() as service:
+        bobs = await service.create_conversation("bob", toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("b1", "add_task", '{"title": "bob secret"}')]),
+            Reply(tokens=["ok"]),
+        )
+        await stream_turn(service, bobs["id"], "add", user="bob")
+        bob_task = json.loads(tool_messages(model_requests(service)[1])[0]["content"])
+
+        alices = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.requests.clear()
+        service.upstream.queue(
+            Reply(
+                tokens=[],
+                tool_calls=[
+                    ("a1", "list_tasks", '{"user_id": "bob"}'),
+                    ("a2", "complete_task", json.dumps({"task_id": bob_task["id"]})),
+                    ("a3", "delete_task", json.dumps({"task_id": bob_task["id"]})),
+                    ("a4", "list_tasks", "{}"),
+                ],
+            ),
+            Reply(tokens=["done"]),
+        )
+        await stream_turn(service, alices["id"], "take over bob")
+        results = [json.loads(m["content"]) for m in tool_messages(model_requests(service)[1])]
+        assert "user_id" in results[0]["error"]  # refused by the schema, not obeyed
+        assert "no task with this id" in results[1]["error"]
+        assert "no task with this id" in results[2]["error"]
+        assert results[3]["tasks"] == []  # alice's list: bob's task is not in it
+
+        # Bob's task is untouched.
+        service.upstream.requests.clear()
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("b2", "list_tasks", "{}")]), Reply(tokens=["ok"])
+        )
+        await stream_turn(service, bobs["id"], "list", user="bob")
+        listed = json.loads(tool_messages(model_requests(service)[1])[-1]["content"])
+        assert [(t["title"], t["done"]) for t in listed["tasks"]] == [("bob secret", False)]
+
+
+async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def wait(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    slow = Toolset("slow", "Slow tools.", (Tool("wait", "Waits.", {}, wait),))
+    async with start_service(toolsets=[slow]) as service:
+        conversation = await service.create_conversation(toolsets=["slow"])
+        service.upstream.queue(
+            Reply(tokens=["Waiting"], tool_calls=[("w1", "wait", "{}")]),
+            Reply(tokens=["never", " sent"]),
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "wait", "background": True},
+            headers=service.auth(),
+        )
+        reply_id = response.json()["assistant_message"]["id"]
+        await asyncio.wait_for(started.wait(), 5)
+        cancel = await service.client.post(
+            f"/v1/messages/{reply_id}/cancel", headers=service.auth()
+        )
+        assert cancel.json()["assistant_message"]["status"] == "cancelled"
+        assert cancelled.is_set()
+        stored = await service.messages(conversation["id"])
+        assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
+        assert "stopped" in json.loads(stored[2]["content"])["error"]
+        assert len(model_requests(service)) == 1
+        # The conversation can go on: the stored call has its result for the next prompt.
+        service.upstream.queue(Reply(tokens=["Hi"]))
+        await stream_turn(service, conversation["id"], "next")
+        history = model_requests(service)[-1]["messages"]
+        assert [m["role"] for m in history[1:]] == ["user", "assistant", "tool", "user"]
+
+
+async def test_tool_rounds_count_against_the_daily_quota(start_service: Any) -> None:
+    # How many tokens the first call's prompt takes, tool definitions included.
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        await stream_turn(service, conversation["id"], "hi")
+        prompt = (await final_reply(service, conversation["id"]))["prompt_token_count"]
+    # A fresh user's day has room for that prompt, not for the round's 31 tokens on top.
+    service.upstream.requests.clear()
+    async with start_service(daily_token_quota=prompt + 20) as service:
+        conversation = await service.create_conversation("carol", toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(tokens=["a"] * 20, tool_calls=[("q1", "list_tasks", "{}")]),
+            Reply(tokens=["never"]),
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "hi"},
+            headers=service.auth("carol"),
+        )
+        assert response.status_code == 429
+        assert response.json()["code"] == "quota_exceeded"
+        assert len(model_requests(service)) == 1
+        stored = await service.messages(conversation["id"], "carol")
+        roles = [m["role"] for m in stored]
+        assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: Any) -> None:
+    async with start_service(default_toolsets=["tasks"]) as service:
+        conversation = await service.create_conversation()
+        assert conversation["toolsets"] == ["tasks"]
+        none = await service.create_conversation(toolsets=[])
+        assert none["toolsets"] == []
+        refused = await service.client.post(
+            "/v1/conversations", json={"toolsets": ["nope"]}, headers=service.auth()
+        )
+        assert refused.status_code == 422
+        assert refused.json()["code"] == "unknown_toolset"
+
+        await stream_turn(service, conversation["id"], "hi")
+        await stream_turn(service, none["id"], "hi")
+        with_tools, without = model_requests(service)
+        assert [t["function"]["name"] for t in with_tools["tools"]] == [
+            "add_task",
+            "list_tasks",
+            "complete_task",
+            "update_task",
+            "delete_task",
+        ]
+        assert "tools" not in without
+
+        patched = await service.client.patch(
+            f"/v1/conversations/{conversation['id']}",
+            json={"toolsets": []},
+            headers=service.auth(),
+        )
+        assert patched.json()["toolsets"] == []
+        await stream_turn(service, conversation["id"], "again")
+        assert "tools" not in model_requests(service)[-1]
+        chat = await service.client.post(
+            "/v1/chat", json={"message": "hi", "toolsets": ["tasks"]}, headers=service.auth()
+        )
+        assert "tools" in model_requests(service)[-1]
+        got = await service.client.get(
+            f"/v1/conversations/{chat.json()['conversation_id']}", headers=service.auth()
+        )
+        assert got.json()["toolsets"] == ["tasks"]
+
+
+async def test_an_mcp_server_over_stdio_serves_a_chat_turn(start_service: Any) -> None:
+    servers = {"fixture": {"command": sys.executable, "args": [str(FIXTURE_SERVER)]}}
+    async with start_service(mcp_servers=servers) as service:
+        conversation = await service.create_conversation(toolsets=["fixture"])
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("m1", "fixture__echo", '{"text": "hello mcp"}')]),
+            Reply(tokens=["It", " echoed."]),
+        )
+        events = await stream_turn(service, conversation["id"], "echo something")
+        assert events[-1].event == "done", events[-1].data
+        names = {tool["function"]["name"] for tool in model_requests(service)[0]["tools"]}
+        assert "fixture__echo" in names
+        result = json.loads(tool_messages(model_requests(service)[1])[0]["content"])
+        # The server learned who the call is for from the service, not from the model.
+        assert result == {"text": "hello mcp", "user_id": "alice"}
+        reply = await final_reply(service, conversation["id"])
+        assert reply["content"] == "It echoed."
+
+
+async def test_a_later_turn_sends_the_calls_with_their_results(start_service: Any) -> None:
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("h1", "add_task", '{"title": "milk"}')]),
+            Reply(tokens=["Added."]),
+            Reply(tokens=["You", " have", " milk."]),
+        )
+        await stream_turn(service, conversation["id"], "add milk")
+        await stream_turn(service, conversation["id"], "what did you do?")
+        history = model_requests(service)[-1]["messages"]
+        assert [(m["role"], m.get("tool_call_id")) for m in history[1:]] == [
+            ("user", None),
+            ("assistant", None),
+            ("tool", "h1"),
+            ("assistant", None),
+            ("user", None),
+        ]
+        assert history[2]["tool_calls"][0]["function"]["name"] == "add_task"
