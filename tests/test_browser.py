@@ -72,3 +72,37 @@ async def test_chat_page_streams_resumes_after_reload_and_stops(
         ]
         assert stored[-1]["content"] == "Stop"
         assert len(service.upstream.requests) == 2
+
+
+async def test_chat_page_shows_tool_calls_live_and_as_stored(start_service: Any) -> None:
+    async with (
+        start_service(auth="none", default_toolsets=["tasks"]) as service,
+        async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(service.url + "/")
+            await expect(page.locator("#send")).to_be_enabled()
+            gate = asyncio.Event()
+            service.upstream.queue(
+                Reply(tokens=[], tool_calls=[("c1", "add_task", '{"title": "buy milk"}')]),
+                Reply(tokens=["Added", " it."], gate=gate),
+            )
+            await page.fill("#input", "add a task to buy milk")
+            await page.click("#send")
+            # Live: the call and its result show while the answer is still on its way.
+            reply = page.locator(".message.assistant").last
+            await expect(reply.locator(".tools")).to_contain_text(
+                '→ add_task({"title": "buy milk"})'
+            )
+            await expect(reply.locator(".tools")).to_contain_text('← ok: {"id"')
+            gate.set()
+            # Done: the turn as stored, the call, its result, then the answer.
+            await expect(page.locator(".message.tool")).to_contain_text('"title": "buy milk"')
+            await expect(page.locator(".message")).to_have_count(4)
+            await expect(page.locator(".message.assistant").last.locator(".content")).to_have_text(
+                "Added it."
+            )
+        finally:
+            await browser.close()
