@@ -136,10 +136,11 @@ async def test_calls_from_many_tasks_run_at_once(source: McpToolSource) -> None:
     echo = _tool(source, "fixture__echo")
     started = time.monotonic()
     slept, echoed = await asyncio.gather(
-        asyncio.gather(*(slow.handler(_context("alice"), {"seconds": 1}) for _ in range(5))),
+        asyncio.gather(*(slow.handler(_context("alice"), {"seconds": 2}) for _ in range(5))),
         asyncio.gather(*(echo.handler(_context(f"user{i}"), {"text": str(i)}) for i in range(10))),
     )
-    assert time.monotonic() - started < 3  # not 5 s, one after the other
+    # Wide of the mark on a loaded machine, far from the 10 s of one call after the other.
+    assert time.monotonic() - started < 7
     assert slept == ["done"] * 5
     assert echoed == [{"text": str(i), "user_id": f"user{i}"} for i in range(10)]
 
@@ -194,11 +195,11 @@ def _environment(pid: int) -> set[str]:
 async def test_a_server_that_is_not_there_costs_only_its_tools(
     server: McpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    source = McpToolSource("broken", server, connect_timeout_seconds=3)
+    source = McpToolSource("broken", server, connect_timeout_seconds=30)
     started = time.monotonic()
     await source.start()
     try:
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 15  # it noticed, rather than waiting 30 s
         assert source.toolset.tools == ()
         assert source.toolset.name == "broken"
         assert any("MCP server broken is unavailable" in r.message for r in caplog.records)
@@ -213,7 +214,7 @@ async def test_a_server_that_never_answers_is_given_up_on_in_time() -> None:
     started = time.monotonic()
     await source.start()
     try:
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 10  # not the 60 s the server would take
         assert source.toolset.tools == ()
     finally:
         await source.aclose()
@@ -287,12 +288,12 @@ async def test_sources_start_together(
         await asyncio.gather(*(source.aclose() for source in sources))
 
     async def slow_start(self: McpToolSource) -> None:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(2)
 
     monkeypatch.setattr(McpToolSource, "start", slow_start)
     started = time.monotonic()
     await start_sources({name: _stdio(pid_file) for name in ("a", "b", "c", "d")})
-    assert time.monotonic() - started < 1.5  # not 2 s, one after the other
+    assert time.monotonic() - started < 5  # not 8 s, one after the other
 
 
 # --- over streamable HTTP ---------------------------------------------------------------------
@@ -332,10 +333,10 @@ async def test_over_streamable_http_with_the_configured_headers(http_url: str) -
         slow = _tool(source, "remote__slow")
         started = time.monotonic()
         done = await asyncio.gather(
-            *(slow.handler(_context("carol"), {"seconds": 1}) for _ in range(4))
+            *(slow.handler(_context("carol"), {"seconds": 2}) for _ in range(4))
         )
         assert done == ["done"] * 4
-        assert time.monotonic() - started < 3  # not 4 s, one after the other
+        assert time.monotonic() - started < 6  # not 8 s, one after the other
     finally:
         await source.aclose()
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import inspect
+import json
 import signal
 import subprocess
 import sys
@@ -46,6 +47,39 @@ async def test_demo_model_answers_when_no_provider_is_configured(start_service: 
         assert done["model"] == "demo-offline"
         assert done["status"] == "completed"
         assert "Hello demo" in done["content"]
+        assert service.upstream.requests == []
+
+
+async def test_the_demo_model_runs_the_task_tools_with_the_default_settings(
+    start_service: Any,
+) -> None:
+    # What make run has: no provider, and the toolsets a new conversation gets by default.
+    defaults = Settings(_env_file=None).default_toolsets
+    async with start_service(
+        openai_base_url=None, openai_api_key=None, demo_delay_ms=1, default_toolsets=defaults
+    ) as service:
+        async with service.client.stream(
+            "POST",
+            "/v1/chat",
+            json={"message": "Add a task to buy milk"},
+            headers={**service.auth(), "Accept": "text/event-stream"},
+        ) as response:
+            events = await collect_events(response)
+        call = next(event.data for event in events if event.event == "tool_call")
+        assert (call["name"], json.loads(call["arguments"])) == ("add_task", {"title": "buy milk"})
+        result = next(event.data for event in events if event.event == "tool_result")
+        assert result["status"] == "ok"
+        done = events[-1].data
+        assert done["assistant_message"]["content"] == 'Added "buy milk" to your tasks.'
+        listed = await service.client.post(
+            "/v1/chat",
+            json={
+                "message": "what are my tasks?",
+                "conversation_id": done["assistant_message"]["conversation_id"],
+            },
+            headers=service.auth(),
+        )
+        assert listed.json()["assistant_message"]["content"] == "Your open tasks:\n1. buy milk"
         assert service.upstream.requests == []
 
 

@@ -5,11 +5,24 @@ every step is stored, shown and replayed."""
 import asyncio
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from chatbot.db import utcnow
+from chatbot.quotas.models import DailyUsage
+from chatbot.streams.keeper import _save_content
 from chatbot.tools.base import Tool, ToolContext, Toolset
-from tests.conftest import Event, Service, collect_events, final_reply, read_events
+from tests.conftest import (
+    Event,
+    Service,
+    collect_events,
+    eventually,
+    final_reply,
+    read_events,
+)
 from tests.fake_upstream import UTILITY_MODEL, Reply
 
 FIXTURE_SERVER = Path(__file__).with_name("mcp_fixture_server.py")
@@ -37,6 +50,40 @@ def shape(events: list[Event]) -> list[tuple[str, Any]]:
     return joined
 
 
+def by_position(events: list[Event]) -> dict[int, Any]:
+    """What each stream position holds: a character of text, or a tool event. Two streams of
+    one reply agree position by position however their deltas were cut."""
+    held: dict[int, Any] = {}
+    for event in events:
+        if event.id is None or event.event not in ("delta", "tool_call", "tool_result"):
+            continue
+        end = int(event.id.rsplit(":", 1)[1])
+        if event.event == "delta":
+            text = event.data["content"]
+            for offset, char in enumerate(text):
+                held[end - len(text) + 1 + offset] = char
+        else:
+            held[end] = (event.event, event.data)
+    return held
+
+
+async def day_usage(sessionmaker: Any, user_id: str) -> int:
+    async with sessionmaker() as session:
+        used = await session.scalar(
+            select(DailyUsage.total_tokens).where(DailyUsage.user_id == user_id)
+        )
+    return int(used or 0)
+
+
+async def follow(service: Service, reply_id: str, after: int = 0) -> list[Event]:
+    headers = service.auth() | {"Last-Event-ID": f"{reply_id}:{after}"}
+    async with service.client.stream(
+        "GET", f"/v1/messages/{reply_id}/stream", headers=headers
+    ) as stream:
+        assert stream.status_code == 200
+        return await collect_events(stream)
+
+
 async def stream_turn(
     service: Service, conversation_id: str, content: str, user: str = "alice"
 ) -> list[Event]:
@@ -51,7 +98,7 @@ async def stream_turn(
 
 
 async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
-    start_service: Any,
+    start_service: Any, sessionmaker: Any
 ) -> None:
     async with start_service() as service:
         conversation = await service.create_conversation(toolsets=["tasks"])
@@ -118,6 +165,13 @@ async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
         assert reply["usage"] == {"prompt_tokens": 22, "completion_tokens": 6, "total_tokens": 28}
         assert events[-1].data["assistant_message"]["id"] == reply["id"]
         assert [call["id"] for call in events[-1].data["tool_calls"]] == ["call_a", "call_b"]
+        # Each round's tokens counted once in the user's day: 14 for the calls, 14 for the answer.
+        assert await day_usage(sessionmaker, "alice") == 28
+
+        # Replayed from the database: the same thing at every position, then the same end.
+        replayed = await follow(service, reply["id"])
+        assert by_position(replayed) == by_position(events)
+        assert replayed[-1].data == events[-1].data
         conversation = (
             await service.client.get(
                 f"/v1/conversations/{conversation['id']}", headers=service.auth()
@@ -308,11 +362,19 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
             cancelled.set()
             raise
 
-    slow = Toolset("slow", "Slow tools.", (Tool("wait", "Waits.", {}, wait),))
+    async def quick(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        return "quick done"
+
+    slow = Toolset(
+        "slow",
+        "Slow tools.",
+        (Tool("wait", "Waits.", {}, wait), Tool("quick", "No wait.", {}, quick)),
+    )
     async with start_service(toolsets=[slow]) as service:
         conversation = await service.create_conversation(toolsets=["slow"])
         service.upstream.queue(
-            Reply(tokens=["Waiting"], tool_calls=[("w1", "wait", "{}")]),
+            # quick ends first, but its result waits its turn behind the slow call's.
+            Reply(tokens=["Waiting"], tool_calls=[("w1", "wait", "{}"), ("q1", "quick", "{}")]),
             Reply(tokens=["never", " sent"]),
         )
         response = await service.client.post(
@@ -321,6 +383,7 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
             headers=service.auth(),
         )
         reply_id = response.json()["assistant_message"]["id"]
+        live = asyncio.create_task(follow(service, reply_id))
         await asyncio.wait_for(started.wait(), 5)
         cancel = await service.client.post(
             f"/v1/messages/{reply_id}/cancel", headers=service.auth()
@@ -328,17 +391,76 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
         assert cancel.json()["assistant_message"]["status"] == "cancelled"
         assert cancelled.is_set()
         stored = await service.messages(conversation["id"])
-        assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
+        assert [m["role"] for m in stored] == ["user", "assistant", "tool", "tool", "assistant"]
         assert "stopped" in json.loads(stored[2]["content"])["error"]
+        assert json.loads(stored[3]["content"]) == "quick done"
         assert len(model_requests(service)) == 1
-        # The conversation can go on: the stored call has its result for the next prompt.
+        # What the live follower saw is what the record replays.
+        seen = await asyncio.wait_for(live, 5)
+        assert [(kind, data.get("status")) for kind, data in shape(seen)[1:]] == [
+            ("tool_call", None),
+            ("tool_call", None),
+            ("tool_result", "error"),
+            ("tool_result", "ok"),
+        ]
+        replayed = await follow(service, reply_id)
+        assert by_position(replayed) == by_position(seen)
+        assert replayed[-1].data["tool_calls"] == seen[-1].data["tool_calls"]
+        # The conversation can go on: the stored calls have their results for the next prompt.
         service.upstream.queue(Reply(tokens=["Hi"]))
         await stream_turn(service, conversation["id"], "next")
         history = model_requests(service)[-1]["messages"]
-        assert [m["role"] for m in history[1:]] == ["user", "assistant", "tool", "user"]
+        assert [m["role"] for m in history[1:]] == ["user", "assistant", "tool", "tool", "user"]
 
 
-async def test_tool_rounds_count_against_the_daily_quota(start_service: Any) -> None:
+async def test_ids_repeated_across_rounds_an_empty_answer_and_too_many_calls(
+    start_service: Any,
+) -> None:
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(
+            # Some servers number calls afresh each round; the service keeps ids unique.
+            Reply(tokens=[], tool_calls=[("call_0", "list_tasks", "{}")]),
+            Reply(tokens=[], tool_calls=[("call_0", "list_tasks", "{}")] * 18),
+            Reply(tokens=[]),  # an empty answer after the tools is asked for again
+            Reply(tokens=["Fine."]),
+        )
+        events = await stream_turn(service, conversation["id"], "go")
+        done = events[-1].data
+        assert done["assistant_message"]["content"] == "Fine."
+        ids = [call["id"] for call in done["tool_calls"]]
+        assert len(set(ids)) == len(ids) == 19
+        assert ids[0] == "call_0"
+        assert [call["status"] for call in done["tool_calls"]] == ["ok"] * 17 + ["error"] * 2
+        assert "at most 16 calls" in done["tool_calls"][-1]["result"]
+        assert len(model_requests(service)) == 4
+        replayed = await follow(service, done["assistant_message"]["id"])
+        assert replayed[-1].data["tool_calls"] == done["tool_calls"]
+
+
+async def test_tool_results_that_outgrow_the_context_end_the_reply(start_service: Any) -> None:
+    async def big(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        return "word " * 2000
+
+    large = Toolset("large", "Large results.", (Tool("big", "Says a lot.", {}, big),))
+    async with start_service(toolsets=[large], context_tokens=1500) as service:
+        conversation = await service.create_conversation(toolsets=["large"])
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("b1", "big", "{}")]), Reply(tokens=["never"])
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "go"},
+            headers=service.auth(),
+        )
+        assert response.status_code == 413
+        assert response.json()["code"] == "context_too_large"
+        assert len(model_requests(service)) == 1
+
+
+async def test_tool_rounds_count_against_the_daily_quota(
+    start_service: Any, sessionmaker: Any
+) -> None:
     # How many tokens the first call's prompt takes, tool definitions included.
     async with start_service() as service:
         conversation = await service.create_conversation(toolsets=["tasks"])
@@ -363,6 +485,7 @@ async def test_tool_rounds_count_against_the_daily_quota(start_service: Any) -> 
         stored = await service.messages(conversation["id"], "carol")
         roles = [m["role"] for m in stored]
         assert roles == ["user", "assistant", "tool", "assistant"]
+        assert await day_usage(sessionmaker, "carol") == 11 + 20  # the round that ran
 
 
 async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: Any) -> None:
@@ -445,3 +568,45 @@ async def test_a_later_turn_sends_the_calls_with_their_results(start_service: An
             ("user", None),
         ]
         assert history[2]["tool_calls"][0]["function"]["name"] == "add_task"
+
+
+async def test_a_checkpoint_taken_before_a_round_moved_the_reply_writes_nothing(
+    start_service: Any, sessionmaker: Any
+) -> None:
+    release = asyncio.Event()
+
+    async def hold(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        await release.wait()
+        return "ok"
+
+    held = Toolset("held", "Held.", (Tool("hold", "Holds.", {}, hold),))
+    async with start_service(toolsets=[held]) as service:
+        conversation = await service.create_conversation(toolsets=["held"])
+        service.upstream.queue(
+            Reply(tokens=["Round", " one"], tool_calls=[("h1", "hold", "{}")]),
+            Reply(tokens=["Round", " two"]),
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "go", "background": True},
+            headers=service.auth(),
+        )
+        reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
+        generation = service.server.app.state.registry.get(reply_id)
+        await eventually(lambda: generation.reply_seq == 4)  # moved past the call and result
+        # A snapshot of round one's text, taken at the old position, arrives late.
+        async with sessionmaker() as session:
+            stale = {"message_id": reply_id, "new_content": "Round one", "at_seq": 2}
+            await session.execute(_save_content, [stale | {"now": utcnow()}])
+            await session.commit()
+        # Round one's text stays with the call; the reply, read by followers elsewhere, is empty.
+        running = (await service.messages(conversation["id"]))[-1]
+        assert (running["status"], running["content"]) == ("in_progress", "")
+        release.set()
+        reply = await final_reply(service, conversation["id"])
+        assert reply["content"] == "Round two"
+        stored = await service.messages(conversation["id"])
+        assert [m["content"] for m in stored if m["role"] == "assistant"] == [
+            "Round one",
+            "Round two",
+        ]

@@ -220,3 +220,17 @@ async def test_arguments_nested_too_deep_and_a_timeout_inside_a_tool_are_results
 
     # Not the tool's own deadline: reported as a failure, not as "took longer than".
     assert _error(await _run(_tool(driver_timeout))) == "the tool failed"
+
+
+async def test_a_result_that_is_not_json_is_an_error_result() -> None:
+    async def odd(context: ToolContext, arguments: dict[str, Any]) -> Any:
+        return {("a", "tuple"): "keys JSON cannot have"}
+
+    result = await run_tool(
+        Tool("odd", "Odd.", {"type": "object"}, odd),
+        ToolContext("alice", None),  # type: ignore[arg-type]
+        "{}",
+        timeout_seconds=1,
+        max_result_chars=1000,
+    )
+    assert result == ToolResult("error", '{"error": "the tool failed"}')

@@ -6,13 +6,16 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.config import Settings
+from chatbot.context.builder import ContextTooLarge
 from chatbot.context.chores import FollowUp
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations import repository as conversations
@@ -40,6 +43,9 @@ STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
 """Pauses between attempts to store a finished reply before giving up on it."""
 
 
+_T = TypeVar("_T")
+
+
 def elapsed_ms(started: float) -> int:
     return round((time.monotonic() - started) * 1000)
 
@@ -48,13 +54,34 @@ class _Superseded(Exception):
     """The reply lost its conversation mid-turn: cancelled elsewhere, swept, or deleted."""
 
 
+MAX_CALLS_PER_ROUND = 16
+"""Calls of one round that run; more are answered with an error result (a model, or a prompt
+injected through a tool's result, must not start hundreds of calls at once)."""
+
+
+@dataclass
+class _Round:
+    """One round of calls: stored, then running, then answered."""
+
+    calls: tuple[ToolCall, ...]
+    first_seq: int
+    """The position of the first call's result."""
+    first_call: int
+    """Where this round's calls start in the turn's list of calls."""
+    model: str
+    results: dict[str, ToolResult] = field(default_factory=dict)
+    announced: int = 0
+    """Results sent as events so far: always a prefix of the calls, so the stream has them in
+    the order they are stored and replayed."""
+
+
 @dataclass
 class _Turn:
     """What a reply accumulates over its rounds."""
 
     started: float
     prompt_tokens: int
-    """An estimate of the next call's prompt, for the daily quota."""
+    """An estimate of the next call's prompt, for the daily quota and the context window."""
     ttft_ms: int | None = None
     rounds: int = 0
     completion: Completion | None = None
@@ -63,9 +90,11 @@ class _Turn:
     """Tokens of the last call, not yet added to the user's day."""
     calls: list[dict[str, Any]] = field(default_factory=list)
     """The calls made so far with their results, as the finished turn lists them."""
-    pending: tuple[tuple[ToolCall, ...], int, dict[str, ToolResult]] | None = None
-    """The round whose calls are stored and running: calls, the first result position, and
-    the results so far."""
+    call_ids: set[str] = field(default_factory=set)
+    pending: _Round | None = None
+    """The round whose calls are stored and whose results are not."""
+    storing: asyncio.Future[Any] | None = None
+    """A store under way, which a cancel waits for rather than cuts in half."""
 
     def first_output(self) -> None:
         if self.ttft_ms is None:
@@ -80,17 +109,43 @@ class _Turn:
             sum(usage.total_tokens for usage in self.usage),
         )
 
+    def unique(self, calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
+        """Every call with an id of its own within the turn (some servers send none, or the
+        same one each round), and no NUL, which PostgreSQL cannot store."""
+        fixed = []
+        for call in calls:
+            call = replace(
+                call,
+                name=call.name.replace("\x00", ""),
+                arguments=call.arguments.replace("\x00", ""),
+            )
+            if not call.id or call.id in self.call_ids or len(call.id) > 100:
+                call = replace(call, id=f"call_{uuid.uuid4().hex[:24]}")
+            self.call_ids.add(call.id)
+            fixed.append(call)
+        return tuple(fixed)
 
-def _with_ids(calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
-    """Every call with an id of its own: some servers send none, or the same one twice."""
-    seen: set[str] = set()
-    fixed = []
-    for call in calls:
-        if not call.id or call.id in seen or len(call.id) > 100:
-            call = replace(call, id=f"call_{uuid.uuid4().hex[:24]}")
-        seen.add(call.id)
-        fixed.append(call)
-    return tuple(fixed)
+
+async def _shielded(turn: _Turn, work: Coroutine[Any, Any, _T]) -> _T:
+    """Run a store that a cancel must not cut in half: a cancel waits for it to end
+    (`_settle`), so what the reply knows always matches what the database has."""
+    task = asyncio.ensure_future(work)
+    turn.storing = task
+    return await asyncio.shield(task)
+
+
+def _announce(generation: Generation, round_: _Round, turn: _Turn) -> None:
+    """Send the results that are in, in the order of the calls."""
+    calls = round_.calls
+    while round_.announced < len(calls) and calls[round_.announced].id in round_.results:
+        call = calls[round_.announced]
+        result = round_.results[call.id]
+        event = result_data(call.id, call.name, result.status, result.content)
+        generation.add_event("tool_result", event)
+        turn.calls[round_.first_call + round_.announced].update(
+            status=event["status"], result=event["result"]
+        )
+        round_.announced += 1
 
 
 class ReplyRunner:
@@ -118,6 +173,7 @@ class ReplyRunner:
         follow_up: FollowUp | None = None,
         tools: Mapping[str, Tool] | None = None,
         prompt_tokens: int = 0,
+        budget: int | None = None,
     ) -> None:
         """Runs as a task of its own: no request, and no database session, is held meanwhile.
 
@@ -132,7 +188,9 @@ class ReplyRunner:
                     completion = await self._complete(generation, request, turn)
                     if not completion.tool_calls:
                         break
-                    request = await self._tool_round(generation, request, completion, tools, turn)
+                    request = await self._tool_round(
+                        generation, request, completion, tools, turn, budget
+                    )
             if not generation.content:
                 status = MessageStatus.FAILED
                 error = UpstreamError("The model returned an empty reply", code="empty_reply")
@@ -157,7 +215,7 @@ class ReplyRunner:
                     "The service stopped during the reply", code="shutdown", status=503
                 )
             generation.finishing = True
-            await self._settle_pending(generation, turn, request.model)
+            await self._settle(generation, turn)
             await self._store(generation, request.model, status, error, turn)
             raise
         except Exception:
@@ -167,7 +225,7 @@ class ReplyRunner:
             status = MessageStatus.INCOMPLETE if generation.content else MessageStatus.FAILED
         # From here on a cancel, a checkpoint or a shutdown must not interrupt the store.
         generation.finishing = True
-        await self._settle_pending(generation, turn, request.model)
+        await self._settle(generation, turn)
         reply_tokens = await self._store(generation, request.model, status, error, turn)
         if self._after_reply is not None and follow_up is not None:
             self._after_reply(follow_up, reply_tokens)
@@ -208,6 +266,7 @@ class ReplyRunner:
         completion: Completion,
         tools: Mapping[str, Tool] | None,
         turn: _Turn,
+        budget: int | None,
     ) -> CompletionRequest:
         """Store the calls, run them, store their results, and ask the model again with them."""
         if not request.tools:
@@ -221,25 +280,18 @@ class ReplyRunner:
                 code="too_many_tool_rounds",
             )
         turn.rounds += 1
-        calls = _with_ids(completion.tool_calls)
+        calls = turn.unique(completion.tool_calls)
         text = generation.content
-        first_result_seq = await self._store_calls(generation, text, calls, turn)
-        generation.new_round()
-        for call in calls:
-            turn.first_output()
-            event = call_data(call.to_openai())
-            generation.add_event("tool_call", event)
-            turn.calls.append(event | {"status": None, "result": None})
-        results: dict[str, ToolResult] = {}
-        turn.pending = (calls, first_result_seq, results)
-        await self._run_calls(generation, calls, tools or {}, results, turn)
-        await self._store_results(generation, calls, first_result_seq, results, request.model)
-        turn.pending = None
+        round_ = await _shielded(
+            turn, self._store_calls(generation, text, calls, turn, request.model)
+        )
+        await self._run_calls(generation, round_, tools or {}, turn)
+        await _shielded(turn, self._store_results(generation, round_, turn))
         messages = [
             *request.messages,
             ChatMessage("assistant", text, tool_calls=[call.to_openai() for call in calls]),
             *(
-                ChatMessage("tool", results[call.id].content, tool_call_id=call.id)
+                ChatMessage("tool", round_.results[call.id].content, tool_call_id=call.id)
                 for call in calls
             ),
         ]
@@ -247,6 +299,11 @@ class ReplyRunner:
         turn.prompt_tokens += self._counter.count_text(
             json.dumps(added[0].tool_calls), request.model
         ) + sum(self._counter.count_message(message.content, request.model) for message in added)
+        if budget is not None and turn.prompt_tokens > budget:
+            raise ContextTooLarge(
+                f"With the tool results the next call needs {turn.prompt_tokens} tokens; "
+                f"the context budget of {request.model} is {budget}"
+            )
         async with self._sessionmaker() as session:
             # Every round is a call to the model: it counts against the user's day.
             await quotas.check_turn(session, self._settings, generation.user_id, turn.prompt_tokens)
@@ -254,15 +311,20 @@ class ReplyRunner:
         return replace(request, messages=messages, tool_choice="none" if last else None)
 
     async def _store_calls(
-        self, generation: Generation, text: str, calls: tuple[ToolCall, ...], turn: _Turn
-    ) -> int:
+        self,
+        generation: Generation,
+        text: str,
+        calls: tuple[ToolCall, ...],
+        turn: _Turn,
+        model: str,
+    ) -> _Round:
         """Put the message that called tools where the reply stood, keep a position for each
-        result, and move the reply after them. Returns the position of the first result."""
+        result, and move the reply after them; then announce the calls."""
         assert generation.reply_seq is not None
         seq = generation.reply_seq
         positions = len(calls) + 1
         completion = turn.completion
-        model = completion.model if completion and completion.model else None
+        served_by = completion.model if completion and completion.model else None
         now = utcnow()
         async with self._sessionmaker() as session:
             moved = await conversations.extend_reply(
@@ -280,9 +342,9 @@ class ReplyRunner:
                     seq=seq,
                     role=Role.ASSISTANT,
                     content=text,
-                    token_count=self._counter.count_text(text, model or self._settings.model),
+                    token_count=self._counter.count_text(text, model),
                     status=MessageStatus.COMPLETED,
-                    model=(model or "")[:200] or None,
+                    model=(served_by or "")[:200] or None,
                     finish_reason="tool_calls",
                     tool_calls=[call.to_openai() for call in calls],
                     created_at=now,
@@ -291,27 +353,36 @@ class ReplyRunner:
             )
             await quotas.record_usage(session, generation.user_id, turn.unrecorded_tokens)
             await session.commit()
-        turn.unrecorded_tokens = 0
-        generation.reply_seq = seq + positions
-        return seq + 1
+            # Stored: from here to the end nothing awaits, so the reply's state moves with it.
+            turn.unrecorded_tokens = 0
+            generation.reply_seq = seq + positions
+            generation.new_round()
+            round_ = _Round(calls, seq + 1, len(turn.calls), model)
+            turn.pending = round_
+            for call in calls:
+                turn.first_output()
+                event = call_data(call.to_openai())
+                generation.add_event("tool_call", event)
+                turn.calls.append(event | {"status": None, "result": None})
+            return round_
 
     async def _run_calls(
         self,
         generation: Generation,
-        calls: tuple[ToolCall, ...],
+        round_: _Round,
         tools: Mapping[str, Tool],
-        results: dict[str, ToolResult],
         turn: _Turn,
     ) -> None:
-        """Run the calls side by side, each bounded in time and size; their results go out in
-        the order of the calls, as they will be stored."""
+        """Run the calls side by side, each bounded in time and size."""
         context = ToolContext(generation.user_id, self._sessionmaker)
-        announced = 0
 
-        async def run(call: ToolCall) -> None:
-            nonlocal announced
+        async def run(index: int, call: ToolCall) -> None:
             tool = tools.get(call.name)
-            if tool is None:
+            if index >= MAX_CALLS_PER_ROUND:
+                result = error_result(
+                    f"at most {MAX_CALLS_PER_ROUND} calls run in one round; make this one again"
+                )
+            elif tool is None:
                 result = error_result(f"there is no tool named {call.name!r}")
             else:
                 result = await run_tool(
@@ -321,65 +392,76 @@ class ReplyRunner:
                     timeout_seconds=self._settings.tool_timeout_seconds,
                     max_result_chars=self._settings.tool_max_result_chars,
                 )
-            results[call.id] = result
-            while announced < len(calls) and calls[announced].id in results:
-                done = calls[announced]
-                outcome = results[done.id]
-                event = result_data(done.id, done.name, outcome.status, outcome.content)
-                generation.add_event("tool_result", event)
-                turn.calls[len(turn.calls) - len(calls) + announced].update(
-                    status=event["status"], result=event["result"]
-                )
-                announced += 1
+            round_.results[call.id] = result
+            _announce(generation, round_, turn)
 
         async with asyncio.TaskGroup() as group:
-            for call in calls:
-                group.create_task(run(call))
+            for index, call in enumerate(round_.calls):
+                group.create_task(run(index, call))
 
-    async def _store_results(
-        self,
-        generation: Generation,
-        calls: tuple[ToolCall, ...],
-        first_seq: int,
-        results: dict[str, ToolResult],
-        model: str,
-    ) -> None:
-        now = utcnow()
-        async with self._sessionmaker() as session:
-            messages.add(
-                session,
-                *(
-                    Message(
-                        id=uuid.uuid4(),
-                        conversation_id=generation.conversation_id,
-                        seq=first_seq + index,
-                        role=Role.TOOL,
-                        content=results[call.id].content,
-                        token_count=self._counter.count_text(results[call.id].content, model),
-                        status=MessageStatus.COMPLETED,
-                        tool_call_id=call.id,
-                        error=tool_error(results[call.id].content)
-                        if results[call.id].status == "error"
-                        else None,
-                        created_at=now,
-                        completed_at=now,
+    async def _store_results(self, generation: Generation, round_: _Round, turn: _Turn) -> None:
+        """Store one tool message per call, retrying a busy or restarting database: a call
+        without its result would make the conversation unsendable."""
+        for delay in (*self._store_retry_delays, None):
+            try:
+                now = utcnow()
+                async with self._sessionmaker() as session:
+                    messages.add(
+                        session,
+                        *(
+                            self._tool_message(generation, round_, index, call, now)
+                            for index, call in enumerate(round_.calls)
+                        ),
                     )
-                    for index, call in enumerate(calls)
-                ),
-            )
-            await session.commit()
+                    await session.commit()
+                    turn.pending = None
+                    return
+            except IntegrityError:
+                raise _Superseded() from None  # the conversation was deleted meanwhile
+            except Exception:
+                if delay is None:
+                    raise
+                logger.warning(
+                    "could not store tool results of reply %s; retrying in %g s",
+                    generation.message_id,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
-    async def _settle_pending(self, generation: Generation, turn: _Turn, model: str) -> None:
-        """A round stopped while its calls ran: every stored call still gets a result, or the
-        conversation could not be sent to a model again."""
-        if turn.pending is None:
+    def _tool_message(
+        self, generation: Generation, round_: _Round, index: int, call: ToolCall, now: datetime
+    ) -> Message:
+        result = round_.results[call.id]
+        return Message(
+            id=uuid.uuid4(),
+            conversation_id=generation.conversation_id,
+            seq=round_.first_seq + index,
+            role=Role.TOOL,
+            content=result.content,
+            token_count=self._counter.count_text(result.content, round_.model),
+            status=MessageStatus.COMPLETED,
+            tool_call_id=call.id,
+            error=tool_error(result.content) if result.status == "error" else None,
+            created_at=now,
+            completed_at=now,
+        )
+
+    async def _settle(self, generation: Generation, turn: _Turn) -> None:
+        """However the reply stopped: a store under way ends first, and a round whose calls
+        are stored gets a result for each call, announced and stored, or the conversation
+        could not be sent to a model again."""
+        if turn.storing is not None and not turn.storing.done():
+            await asyncio.wait([turn.storing])
+        round_, turn.pending = turn.pending, None
+        if round_ is None:
             return
-        calls, first_seq, results = turn.pending
-        turn.pending = None
-        for call in calls:
-            results.setdefault(call.id, error_result("the reply stopped before this call ended"))
+        for call in round_.calls:
+            round_.results.setdefault(
+                call.id, error_result("the reply stopped before this call ended")
+            )
+        _announce(generation, round_, turn)
         try:
-            await self._store_results(generation, calls, first_seq, results, model)
+            await self._store_results(generation, round_, turn)
         except Exception:
             logger.exception("could not store the results of reply %s", generation.message_id)
 

@@ -321,7 +321,13 @@ class ChatService:
         self._registry.start(
             generation,
             self._runner.run(
-                generation, request, started, follow_up, tools, prompt_tokens=context.total_tokens
+                generation,
+                request,
+                started,
+                follow_up,
+                tools,
+                prompt_tokens=context.total_tokens,
+                budget=context.budget,
             ),
         )
         return Turn(

@@ -95,7 +95,8 @@ class Generation:
 
     @property
     def round_has_output(self) -> bool:
-        return len(self._pieces) > self._round_start
+        """Whether the current round has any text (tool events do not count)."""
+        return any(isinstance(piece, str) for piece in self._pieces[self._round_start :])
 
     @property
     def outcome(self) -> Outcome | None:

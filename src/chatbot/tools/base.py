@@ -107,6 +107,7 @@ async def run_tool(
     try:
         async with deadline:
             result = await tool.handler(context, parsed)
+        content = json.dumps(result, ensure_ascii=False, default=str)
     except TimeoutError:
         if deadline.expired():
             return error_result(f"the tool took longer than {timeout_seconds:g} s")
@@ -117,9 +118,7 @@ async def run_tool(
     except Exception:
         logger.exception("tool %s failed", tool.name)
         return error_result("the tool failed")
-    return ToolResult(
-        "ok", _bounded(json.dumps(result, ensure_ascii=False, default=str), max_result_chars)
-    )
+    return ToolResult("ok", _bounded(content, max_result_chars))
 
 
 def _bounded(content: str, max_chars: int) -> str:

@@ -41,7 +41,8 @@ def tool_error(content: str) -> dict[str, Any]:
         detail = json.loads(content).get("error")
     except (ValueError, AttributeError):
         detail = None
-    return {"code": "tool_error", "detail": str(detail or content)[:500]}
+    # Stored as JSON, where PostgreSQL refuses NUL.
+    return {"code": "tool_error", "detail": str(detail or content).replace("\x00", "")[:500]}
 
 
 def stored_events(turn: list[Message]) -> list[tuple[str, str | dict[str, Any]]]:
