@@ -9,11 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
+from chatbot.messages.models import Message, MessageStatus
 from chatbot.quotas.models import DailyUsage
 from chatbot.streams.keeper import _save_content
+from chatbot.tasks import repository as tasks
 from chatbot.tools.base import Tool, ToolContext, Toolset
 from tests.conftest import (
     Event,
@@ -500,6 +503,22 @@ async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: A
         assert refused.status_code == 422
         assert refused.json()["code"] == "unknown_toolset"
 
+        # What a turn would send: the tools' definitions count against the budget.
+        reports = [
+            (
+                await service.client.get(
+                    f"/v1/conversations/{c['id']}/context", headers=service.auth()
+                )
+            ).json()
+            for c in (conversation, none)
+        ]
+        assert reports[0]["tools"]["offered"][0] == "add_task"
+        assert reports[0]["tools"]["tokens"] > 100
+        assert (
+            reports[0]["total_tokens"] - reports[1]["total_tokens"] == reports[0]["tools"]["tokens"]
+        )
+        assert reports[1]["tools"] == {"toolsets": [], "offered": [], "tokens": 0}
+
         await stream_turn(service, conversation["id"], "hi")
         await stream_turn(service, none["id"], "hi")
         with_tools, without = model_requests(service)
@@ -610,3 +629,41 @@ async def test_a_checkpoint_taken_before_a_round_moved_the_reply_writes_nothing(
             "Round one",
             "Round two",
         ]
+
+
+async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
+    start_service: Any, sessionmaker: Any
+) -> None:
+    gate = asyncio.Event()
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(
+            Reply(
+                tokens=["Adding"], tool_calls=[("e1", "add_task", '{"title": "never"}')], gate=gate
+            )
+        )
+        response = await service.client.post(
+            f"/v1/conversations/{conversation['id']}/messages",
+            json={"content": "add never", "background": True},
+            headers=service.auth(),
+        )
+        reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
+        generation = service.server.app.state.registry.get(reply_id)
+        await eventually(lambda: generation.length > 0)
+        # Another instance took the cancel: the row and the conversation say so.
+        async with sessionmaker() as session:
+            await session.execute(
+                update(Message).where(Message.id == reply_id).values(status=MessageStatus.CANCELLED)
+            )
+            await conversations.release_reply(session, generation.conversation_id, reply_id)
+            await session.commit()
+        gate.set()  # the model's call ends, asking for a tool
+        await eventually(lambda: service.server.app.state.registry.get(reply_id) is None)
+        stored = await service.messages(conversation["id"])
+        assert [(m["role"], m["status"]) for m in stored] == [
+            ("user", "completed"),
+            ("assistant", "cancelled"),
+        ]
+        async with sessionmaker() as session:
+            assert await tasks.list_tasks(session, "alice") == []
+        assert await day_usage(sessionmaker, "alice") == 11 + 1  # the call the model made

@@ -506,6 +506,8 @@ class ReplyRunner:
                     generation, values, turn.unrecorded_tokens or values["token_count"]
                 )
                 error = failure or error
+            else:
+                await self._record_spent(generation, turn.unrecorded_tokens)
             if stored is None:  # finished elsewhere, superseded, gone, or not stored
                 outcome = await self._stored_outcome(generation, error)
             else:
@@ -560,6 +562,15 @@ class ReplyRunner:
             # The sweep frees the conversation once this reply's checkpoints are stale.
             logger.exception("could not mark reply %s as failed", generation.message_id)
         return None, error
+
+    async def _record_spent(self, generation: Generation, tokens: int) -> None:
+        """A reply finished elsewhere still spent what its last call cost."""
+        try:
+            async with self._sessionmaker() as session:
+                await quotas.record_usage(session, generation.user_id, tokens)
+                await session.commit()
+        except Exception:
+            logger.exception("could not record the tokens of reply %s", generation.message_id)
 
     async def _stored_outcome(self, generation: Generation, error: AppError | None) -> Outcome:
         async with self._sessionmaker() as session:

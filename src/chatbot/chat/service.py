@@ -251,11 +251,7 @@ class ChatService:
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
-        tools = self._tools.tools(
-            self._tools.default if conversation.toolsets is None else conversation.toolsets
-        )
-        if self._settings.max_tool_rounds == 0:
-            tools = {}
+        tools = self._tools.offered(conversation)
         tool_specs = [tool.to_openai() for tool in tools.values()]
         # Raises 413 before anything is stored or sent when the message cannot fit.
         context = await self._context.plan(
@@ -265,7 +261,7 @@ class ChatService:
             new_content=content,
             model=model,
             max_output_tokens=options.max_output_tokens,
-            tool_tokens=self._context.count(json.dumps(tool_specs), model) if tool_specs else 0,
+            tools=tool_specs,
         )
         await quotas.check_turn(
             self._session, self._settings, conversation.user_id, context.total_tokens

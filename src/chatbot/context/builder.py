@@ -8,6 +8,7 @@ only until the budget or the message cap is reached: building a context costs th
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -175,10 +176,12 @@ class ContextBuilder:
         new_content: str | None,
         model: str,
         max_output_tokens: int | None = None,
-        tool_tokens: int = 0,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ContextPlan:
         """The context of a turn whose user message sits at `before_seq`."""
         budget = self.budget(model, max_output_tokens)
+        # The definitions of the tools offered travel with every call.
+        tool_tokens = self._counter.count_text(json.dumps(tools), model) if tools else 0
         system_prompt, system_source = self.system_prompt(conversation)
         system_tokens = self._counter.count_message(system_prompt, model)
         summary_text = SUMMARY_PREFIX + conversation.summary if conversation.summary else None

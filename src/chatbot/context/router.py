@@ -5,7 +5,7 @@ from fastapi import APIRouter
 from chatbot.auth.deps import CurrentUser
 from chatbot.context.tokens import REPLY_PRIMING_TOKENS
 from chatbot.conversations.deps import OwnedConversation
-from chatbot.deps import ContextBuilderDep, ProfilesDep, SessionDep, SettingsDep
+from chatbot.deps import ContextBuilderDep, ProfilesDep, SessionDep, SettingsDep, ToolsDep
 
 router = APIRouter(tags=["context"])
 
@@ -16,15 +16,18 @@ async def conversation_context(
     session: SessionDep,
     settings: SettingsDep,
     builder: ContextBuilderDep,
+    registry: ToolsDep,
 ) -> dict[str, Any]:
     """What the next turn would send the model, before its new message, and what it costs."""
     model = conversation.model or settings.model
+    tools = registry.offered(conversation)
     plan = await builder.plan(
         session,
         conversation,
         before_seq=conversation.message_count + 1,
         new_content=None,
         model=model,
+        tools=[tool.to_openai() for tool in tools.values()],
     )
     return {
         "model": plan.model,
@@ -37,6 +40,11 @@ async def conversation_context(
             "source": plan.system_source,
             "content": plan.system_prompt,
             "tokens": plan.system_tokens,
+        },
+        "tools": {
+            "toolsets": registry.toolsets_of(conversation),
+            "offered": list(tools),
+            "tokens": plan.tool_tokens,
         },
         "summary": (
             {

@@ -4,6 +4,7 @@ the settings. A conversation names the ones its replies may use."""
 from collections.abc import Iterable, Mapping
 
 from chatbot.config import ConfigError, Settings
+from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
 from chatbot.tasks.tools import TASKS
 from chatbot.tools.base import Tool, Toolset
@@ -23,6 +24,7 @@ class ToolRegistry:
         self._mcp_names = [name for name in settings.mcp_servers if name not in self._built_in]
         self._sources: dict[str, McpToolSource] = {}
         self.default = list(settings.default_toolsets)
+        self._max_rounds = settings.max_tool_rounds
         if clash := sorted(set(settings.mcp_servers) & set(self._built_in)):
             raise ConfigError(f"CHATBOT_MCP_SERVERS: {', '.join(clash)} is a built-in toolset")
         if unknown := sorted(set(self.default) - set(self.names)):
@@ -45,6 +47,16 @@ class ToolRegistry:
                 f"{', '.join(self.names) or 'none'}",
                 errors=[{"loc": ["body", "toolsets"], "msg": f"unknown: {', '.join(unknown)}"}],
             )
+
+    def toolsets_of(self, conversation: Conversation) -> list[str]:
+        return self.default if conversation.toolsets is None else conversation.toolsets
+
+    def offered(self, conversation: Conversation) -> Mapping[str, Tool]:
+        """The tools a turn of this conversation offers the model (none when no round of
+        calls may run)."""
+        if self._max_rounds == 0:
+            return {}
+        return self.tools(self.toolsets_of(conversation))
 
     def tools(self, names: Iterable[str]) -> Mapping[str, Tool]:
         """The tools of these toolsets by name, as they stand now. A toolset that is gone from
