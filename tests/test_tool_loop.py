@@ -9,8 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
+from chatbot.app import create_app
+from chatbot.config import ConfigError
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.messages.models import Message, MessageStatus
@@ -29,6 +32,25 @@ from tests.conftest import (
 from tests.fake_upstream import UTILITY_MODEL, Reply
 
 FIXTURE_SERVER = Path(__file__).with_name("mcp_fixture_server.py")
+
+
+async def _shout(context: ToolContext, arguments: dict[str, Any]) -> Any:
+    return {"shouted": arguments["text"].upper(), "for": context.user_id}
+
+
+SHOUT = Toolset(
+    "shout",
+    "Loud tools.",
+    (
+        Tool(
+            "shout",
+            "Says it loudly.",
+            {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+            _shout,
+        ),
+    ),
+)
+"""A toolset as an operator's own package would define one, for CHATBOT_TOOLSET_IMPORTS."""
 
 
 def tool_messages(request_body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -667,3 +689,23 @@ async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
         async with sessionmaker() as session:
             assert await tasks.list_tasks(session, "alice") == []
         assert await day_usage(sessionmaker, "alice") == 11 + 1  # the call the model made
+
+
+async def test_a_toolset_named_in_the_settings_is_imported_and_used(start_service: Any) -> None:
+    async with start_service(toolset_imports=["tests.test_tool_loop:SHOUT"]) as service:
+        conversation = await service.create_conversation(toolsets=["shout"])
+        service.upstream.queue(
+            Reply(tokens=[], tool_calls=[("s1", "shout", '{"text": "hi"}')]), Reply(tokens=["ok"])
+        )
+        await stream_turn(service, conversation["id"], "shout hi")
+        result = json.loads(tool_messages(model_requests(service)[1])[0]["content"])
+        assert result == {"shouted": "HI", "for": "alice"}
+
+
+def test_a_toolset_import_that_fails_stops_the_start(make_settings: Any) -> None:
+    for path, words in (
+        ("tests.no_such_module:X", "cannot import"),
+        ("tests.test_tool_loop:FIXTURE_SERVER", "is not a Toolset"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            create_app(make_settings(toolset_imports=[path]))

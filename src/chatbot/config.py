@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     tool_choice=none, so the model answers in words."""
     default_toolsets: list[str] = Field(default_factory=lambda: ["tasks"])
     """The toolsets a new conversation may use unless it names its own."""
+    toolset_imports: list[str] = Field(default_factory=list)
+    """Toolsets written in Python, as `package.module:NAME` of a `Toolset` (JSON list)."""
     mcp_servers: dict[str, McpServer] = Field(default_factory=dict)
     """MCP servers whose tools conversations may use, by toolset name (JSON)."""
     tool_timeout_seconds: float = Field(default=15.0, gt=0)

@@ -1,9 +1,12 @@
-"""The toolsets this service knows: built in (written in Python) and from the MCP servers in
-the settings. A conversation names the ones its replies may use."""
+"""The toolsets this service knows: written in Python (the task list, those passed to
+`create_app`, those CHATBOT_TOOLSET_IMPORTS names) and from the MCP servers in the settings.
+A conversation names the ones its replies may use."""
 
+import importlib
+import re
 from collections.abc import Iterable, Mapping
 
-from chatbot.config import ConfigError, Settings
+from chatbot.config import TOOLSET_NAME_PATTERN, ConfigError, Settings
 from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
 from chatbot.tasks.tools import TASKS
@@ -13,6 +16,21 @@ from chatbot.tools.mcp_client import McpToolSource
 BUILT_IN = (TASKS,)
 
 
+def imported_toolsets(paths: Iterable[str]) -> list[Toolset]:
+    """The toolsets CHATBOT_TOOLSET_IMPORTS names, each `package.module:NAME`."""
+    found = []
+    for path in paths:
+        module_name, _, attribute = path.partition(":")
+        try:
+            toolset = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"CHATBOT_TOOLSET_IMPORTS: cannot import {path} ({exc})") from None
+        if not isinstance(toolset, Toolset):
+            raise ConfigError(f"CHATBOT_TOOLSET_IMPORTS: {path} is not a Toolset")
+        found.append(toolset)
+    return found
+
+
 class UnknownToolset(AppError):
     status = 422
     code = "unknown_toolset"
@@ -20,7 +38,15 @@ class UnknownToolset(AppError):
 
 class ToolRegistry:
     def __init__(self, settings: Settings, built_in: Iterable[Toolset] = BUILT_IN) -> None:
-        self._built_in = {toolset.name: toolset for toolset in built_in}
+        self._built_in: dict[str, Toolset] = {}
+        for toolset in (*built_in, *imported_toolsets(settings.toolset_imports)):
+            if toolset.name in self._built_in:
+                raise ConfigError(f"two toolsets are named {toolset.name}")
+            if re.fullmatch(TOOLSET_NAME_PATTERN, toolset.name) is None:
+                raise ConfigError(
+                    f"{toolset.name!r} is not a toolset name ({TOOLSET_NAME_PATTERN})"
+                )
+            self._built_in[toolset.name] = toolset
         self._mcp_names = [name for name in settings.mcp_servers if name not in self._built_in]
         self._sources: dict[str, McpToolSource] = {}
         self.default = list(settings.default_toolsets)
