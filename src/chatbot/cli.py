@@ -39,6 +39,10 @@ def configure_logging(settings: Settings) -> None:
         access.addFilter(RedactTokens())
     # Alembic announces each of its plugins at INFO; only the revisions it applies are news.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # HTTP clients log every request's URL at INFO: an MCP server's URL may carry its key, and
+    # the model provider's requests are not news either. The MCP SDK logs session ids.
+    for noisy in ("httpx", "httpx2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def worker_app() -> "FastAPI":

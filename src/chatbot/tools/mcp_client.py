@@ -49,6 +49,7 @@ _MAX_STDERR_LINE_CHARS = 1000
 _HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 """The SDK's defaults for a client of its own making: a server's event stream may stay quiet
 for minutes (a call's own time limit is the service's, not this)."""
+_PING_SECONDS = 5.0
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 
 
@@ -235,7 +236,10 @@ class McpToolSource:
                 tool_name, arguments, meta=_meta(context.user_id)
             )
         except MCPError as exc:
-            if exc.code == types.CONNECTION_CLOSED:
+            # Over HTTP a server that restarted answers "session not found" while the stream
+            # stays open, and one request's stream may end alone: ask whether the session
+            # still answers before giving it up (and every call in flight with it).
+            if not await _answers(connection.session):
                 connection.lost.set()
                 raise ToolError(self._unavailable) from None
             raise ToolError(
@@ -244,6 +248,15 @@ class McpToolSource:
                 )
             ) from None
         return result_value(result)
+
+
+async def _answers(session: ClientSession) -> bool:
+    try:
+        with anyio.fail_after(_PING_SECONDS):
+            await session.send_ping()
+    except Exception:
+        return False
+    return True
 
 
 async def start_sources(servers: dict[str, McpServer]) -> list[McpToolSource]:
