@@ -136,6 +136,7 @@ class ContextBuilder:
         self._settings = settings
         self._counter = counter
         self._profiles = profiles
+        self._tool_token_counts: dict[tuple[str, str], int] = {}
 
     def budget(self, model: str, max_output_tokens: int | None) -> int:
         """CHATBOT_CONTEXT_TOKENS, or the model's window less the reply's room and a margin."""
@@ -167,6 +168,17 @@ class ContextBuilder:
     def count(self, text: str, model: str) -> int:
         return self._counter.count_text(text, model)
 
+    def _tool_tokens(self, tools: list[dict[str, Any]], model: str) -> int:
+        """What the tools' definitions cost: the same few toolsets on every turn, so counted
+        once per model."""
+        key = (model, json.dumps(tools))
+        tokens = self._tool_token_counts.get(key)
+        if tokens is None:
+            if len(self._tool_token_counts) >= 256:
+                self._tool_token_counts.clear()
+            tokens = self._tool_token_counts[key] = self._counter.count_text(key[1], model)
+        return tokens
+
     async def plan(
         self,
         session: AsyncSession,
@@ -181,7 +193,7 @@ class ContextBuilder:
         """The context of a turn whose user message sits at `before_seq`."""
         budget = self.budget(model, max_output_tokens)
         # The definitions of the tools offered travel with every call.
-        tool_tokens = self._counter.count_text(json.dumps(tools), model) if tools else 0
+        tool_tokens = self._tool_tokens(tools, model) if tools else 0
         system_prompt, system_source = self.system_prompt(conversation)
         system_tokens = self._counter.count_message(system_prompt, model)
         summary_text = SUMMARY_PREFIX + conversation.summary if conversation.summary else None
