@@ -57,6 +57,12 @@ def tool_messages(request_body: dict[str, Any]) -> list[dict[str, Any]]:
     return [message for message in request_body["messages"] if message["role"] == "tool"]
 
 
+def _following(service: Service, reply_id: str, count: int) -> bool:
+    """Whether `count` clients follow the running reply live (not from the database)."""
+    generation = service.server.app.state.registry.get(uuid.UUID(reply_id))
+    return generation is not None and generation.followers == count
+
+
 def model_requests(service: Service) -> list[dict[str, Any]]:
     return [r.body for r in service.upstream.requests if r.body.get("model") != UTILITY_MODEL]
 
@@ -236,8 +242,11 @@ async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
                 live.append(event)
                 if event.event == "delta" and event.data["content"] == "Done":
                     break
+        assert [kind for kind, _ in shape(live)] == ["text", "tool_call", "tool_result", "text"]
+        await eventually(lambda: _following(service, reply_id, 0))
         resumed_live = asyncio.create_task(events_after(3))  # after "On " and a bit
-        await asyncio.sleep(0.2)
+        # Open the gate only once the resumed stream follows the running reply.
+        await eventually(lambda: _following(service, reply_id, 1))
         gate.set()
         resumed = await resumed_live
         assert shape(resumed)[0] == ("text", "it.")
@@ -410,6 +419,7 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
         reply_id = response.json()["assistant_message"]["id"]
         live = asyncio.create_task(follow(service, reply_id))
         await asyncio.wait_for(started.wait(), 5)
+        await eventually(lambda: _following(service, reply_id, 1))
         cancel = await service.client.post(
             f"/v1/messages/{reply_id}/cancel", headers=service.auth()
         )
@@ -572,7 +582,9 @@ async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: A
 
 
 async def test_an_mcp_server_over_stdio_serves_a_chat_turn(start_service: Any) -> None:
-    servers = {"fixture": {"command": sys.executable, "args": [str(FIXTURE_SERVER)]}}
+    servers = {
+        "fixture": {"command": sys.executable, "args": [str(FIXTURE_SERVER)], "users": ["alice"]}
+    }
     async with start_service(mcp_servers=servers) as service:
         conversation = await service.create_conversation(toolsets=["fixture"])
         service.upstream.queue(
@@ -588,6 +600,12 @@ async def test_an_mcp_server_over_stdio_serves_a_chat_turn(start_service: Any) -
         assert result == {"text": "hello mcp", "user_id": "alice"}
         reply = await final_reply(service, conversation["id"])
         assert reply["content"] == "It echoed."
+        # A server the operator opened to alice alone is unknown to everyone else.
+        refused = await service.client.post(
+            "/v1/conversations", json={"toolsets": ["fixture"]}, headers=service.auth("bob")
+        )
+        assert refused.status_code == 422
+        assert "fixture" not in refused.json()["detail"].split(";")[1]
 
 
 async def test_a_later_turn_sends_the_calls_with_their_results(start_service: Any) -> None:
@@ -709,3 +727,26 @@ def test_a_toolset_import_that_fails_stops_the_start(make_settings: Any) -> None
     ):
         with pytest.raises(ConfigError, match=words):
             create_app(make_settings(toolset_imports=[path]))
+
+
+async def test_a_conversation_that_names_no_toolsets_follows_the_default(
+    start_service: Any,
+) -> None:
+    async with start_service(default_toolsets=["tasks"]) as service:
+        conversation = await service.create_conversation()
+        assert conversation["toolsets"] == ["tasks"]
+    # The operator turns tools off (a model that cannot call them): old conversations follow.
+    service.upstream.requests.clear()
+    async with start_service(default_toolsets=[]) as service:
+        url = f"/v1/conversations/{conversation['id']}"
+        assert (await service.client.get(url, headers=service.auth())).json()["toolsets"] == []
+        await stream_turn(service, conversation["id"], "hi")
+        assert "tools" not in model_requests(service)[-1]
+        # Naming them again, and following the default again.
+        for toolsets, offered in ((["tasks"], True), (None, False)):
+            patched = await service.client.patch(
+                url, json={"toolsets": toolsets}, headers=service.auth()
+            )
+            assert patched.json()["toolsets"] == (toolsets or [])
+            await stream_turn(service, conversation["id"], "hi")
+            assert ("tools" in model_requests(service)[-1]) is offered

@@ -128,7 +128,8 @@ def create_app(
             stale_after_seconds=settings.stale_reply_seconds,
         )
         await keeper.sweep()
-        # A server that is slow or down is retried in the background: it never blocks start-up.
+        # Start-up waits for the MCP servers at most their connect timeout, all at once; one
+        # that is slow or down is retried in the background.
         mcp_sources = await start_sources(settings.mcp_servers)
         tools.attach(mcp_sources)
         app.state.tools = tools

@@ -60,6 +60,9 @@ class McpServer(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     """Sent with every HTTP request (an API key the server wants, say)."""
     description: str = ""
+    users: list[str] | None = None
+    """The users whose conversations may name this toolset; unset, every user. The server is
+    shared by all who may: one that keeps per-user data scopes it by the call's user."""
 
     @model_validator(mode="after")
     def _one_transport(self) -> "McpServer":

@@ -28,7 +28,7 @@ async def create(
 
 
 def new_conversation(user_id: str, body: ConversationCreate, tools: ToolRegistry) -> Conversation:
-    tools.check(body.toolsets)
+    tools.check(body.toolsets, user_id)
     now = utcnow()
     return Conversation(
         id=uuid.uuid4(),
@@ -38,7 +38,8 @@ def new_conversation(user_id: str, body: ConversationCreate, tools: ToolRegistry
         system_prompt=body.system_prompt,
         prompt_profile=body.prompt_profile,
         metadata_=body.metadata,
-        toolsets=tools.default if body.toolsets is None else body.toolsets,
+        # None follows CHATBOT_DEFAULT_TOOLSETS, as it is now and as it will be.
+        toolsets=body.toolsets,
         message_count=0,
         created_at=now,
         updated_at=now,
@@ -85,7 +86,7 @@ async def update(
 ) -> ConversationOut:
     changes = body.model_dump(include=body.model_fields_set)
     profiles.check(changes.get("prompt_profile"))
-    tools.check(changes.get("toolsets"))
+    tools.check(changes.get("toolsets"), conversation.user_id)
     if "metadata" in changes:
         conversation.metadata_ = changes.pop("metadata") or {}
     for field, value in changes.items():

@@ -72,6 +72,8 @@ class Generation:
         """Set once the reply is being stored: from then on nothing may interrupt it."""
         self.saved_length = 0
         """The position the last checkpoint stored."""
+        self.followers = 0
+        """Clients following it live right now."""
         self.reply_seq: int | None = None
         """Where the reply's row sits; each round of tool calls moves it past its messages."""
         self._pieces: list[str | ToolEvent] = []
@@ -136,6 +138,14 @@ class Generation:
         The deltas that arrived since the follower last woke come together: a follower that
         falls behind (a busy process) catches up in one send, not one send per delta."""
         index = bisect.bisect_right(self._ends, starting_after)
+        self.followers += 1
+        try:
+            async for item in self._follow(index, starting_after):
+                yield item
+        finally:
+            self.followers -= 1
+
+    async def _follow(self, index: int, starting_after: int) -> AsyncIterator[Deltas | Outcome]:
         while True:
             changed = self._changed
             batch: list[Item] = []

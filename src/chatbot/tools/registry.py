@@ -48,6 +48,9 @@ class ToolRegistry:
                 )
             self._built_in[toolset.name] = toolset
         self._mcp_names = [name for name in settings.mcp_servers if name not in self._built_in]
+        self._allowed = {
+            name: set(server.users) for name, server in settings.mcp_servers.items() if server.users
+        }
         self._sources: dict[str, McpToolSource] = {}
         self.default = list(settings.default_toolsets)
         self._max_rounds = settings.max_tool_rounds
@@ -64,13 +67,19 @@ class ToolRegistry:
         """The connected MCP servers; their tools appear as they are listed."""
         self._sources = {source.name: source for source in sources}
 
-    def check(self, names: Iterable[str] | None) -> None:
+    def available(self, user_id: str) -> list[str]:
+        """The toolsets this user's conversations may name."""
+        return [name for name in self.names if user_id in self._allowed.get(name, (user_id,))]
+
+    def check(self, names: Iterable[str] | None, user_id: str) -> None:
         if names is None:
             return
-        if unknown := sorted(set(names) - set(self.names)):
+        available = self.available(user_id)
+        # A toolset kept from this user is unknown to them, not forbidden: its name is no news.
+        if unknown := sorted(set(names) - set(available)):
             raise UnknownToolset(
-                f"Unknown toolset: {', '.join(unknown)}; this service has "
-                f"{', '.join(self.names) or 'none'}",
+                f"Unknown toolset: {', '.join(unknown)}; you may use "
+                f"{', '.join(available) or 'none'}",
                 errors=[{"loc": ["body", "toolsets"], "msg": f"unknown: {', '.join(unknown)}"}],
             )
 
@@ -82,7 +91,8 @@ class ToolRegistry:
         calls may run)."""
         if self._max_rounds == 0:
             return {}
-        return self.tools(self.toolsets_of(conversation))
+        available = set(self.available(conversation.user_id))
+        return self.tools(name for name in self.toolsets_of(conversation) if name in available)
 
     def tools(self, names: Iterable[str]) -> Mapping[str, Tool]:
         """The tools of these toolsets by name, as they stand now. A toolset that is gone from
