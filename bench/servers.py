@@ -224,6 +224,9 @@ class Servers:
             "CHATBOT_LOG_LEVEL": "WARNING",
             "CHATBOT_RATE_LIMIT": "1000000/minute",
             "CHATBOT_MAX_CONCURRENT_REPLIES": "1000",
+            # Plain chat, as the peer relays it: offering the task tools (the default) adds
+            # their definitions to every request, which the peer's requests do not carry.
+            "CHATBOT_DEFAULT_TOOLSETS": "[]",
         }
         env.pop("REDIS_URL", None)
         return env

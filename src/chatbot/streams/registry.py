@@ -140,34 +140,30 @@ class Generation:
         index = bisect.bisect_right(self._ends, starting_after)
         self.followers += 1
         try:
-            async for item in self._follow(index, starting_after):
-                yield item
+            while True:
+                changed = self._changed
+                batch: list[Item] = []
+                while index < len(self._pieces):
+                    piece, end = self._pieces[index], self._ends[index]
+                    index += 1
+                    if isinstance(piece, ToolEvent):
+                        batch.append(piece)
+                        continue
+                    start = end - len(piece)
+                    if starting_after > start:
+                        piece = piece[starting_after - start :]
+                    if piece:
+                        batch.append(Delta(piece, end))
+                if batch:
+                    yield tuple(batch)
+                    # More may have come, and the reply may have ended, while that was sent.
+                    continue
+                if self._outcome is not None:
+                    yield self._outcome
+                    return
+                await changed.wait()
         finally:
             self.followers -= 1
-
-    async def _follow(self, index: int, starting_after: int) -> AsyncIterator[Deltas | Outcome]:
-        while True:
-            changed = self._changed
-            batch: list[Item] = []
-            while index < len(self._pieces):
-                piece, end = self._pieces[index], self._ends[index]
-                index += 1
-                if isinstance(piece, ToolEvent):
-                    batch.append(piece)
-                    continue
-                start = end - len(piece)
-                if starting_after > start:
-                    piece = piece[starting_after - start :]
-                if piece:
-                    batch.append(Delta(piece, end))
-            if batch:
-                yield tuple(batch)
-                # More may have come, and the reply may have ended, while that was sent.
-                continue
-            if self._outcome is not None:
-                yield self._outcome
-                return
-            await changed.wait()
 
 
 class ReplyRegistry(Protocol):
