@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
@@ -113,6 +114,23 @@ async def follow(service: Service, reply_id: str, after: int = 0) -> list[Event]
     ) as stream:
         assert stream.status_code == 200
         return await collect_events(stream)
+
+
+async def send(
+    service: Service,
+    conversation_id: str,
+    content: str,
+    *,
+    user: str = "alice",
+    background: bool = False,
+) -> httpx.Response:
+    """A turn answered as JSON (or 202 in the background)."""
+    body: dict[str, Any] = {"content": content}
+    if background:
+        body["background"] = True
+    return await service.client.post(
+        f"/v1/conversations/{conversation_id}/messages", json=body, headers=service.auth(user)
+    )
 
 
 async def stream_turn(
@@ -221,11 +239,7 @@ async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
             Reply(tokens=["On", " it."], tool_calls=[("call_1", "add_task", '{"title": "x"}')]),
             Reply(tokens=["Done", " now", " really"], gate=gate),
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "add x", "background": True},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "add x", background=True)
         reply_id = response.json()["assistant_message"]["id"]
         url = f"/v1/messages/{reply_id}/stream"
 
@@ -286,11 +300,7 @@ async def test_invalid_arguments_and_a_failing_tool_reach_the_model_as_errors(
             ),
             Reply(tokens=["Sorry", "."]),
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "go"},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "go")
         assert response.status_code == 201, response.text
         body = response.json()
         assert body["assistant_message"]["content"] == "Sorry."
@@ -317,11 +327,7 @@ async def test_the_round_limit_holds(start_service: Any) -> None:
         conversation = await service.create_conversation(toolsets=["tasks"])
         # A model that keeps calling is told to answer after two rounds, and does.
         service.upstream.queue(calls, calls, Reply(tokens=["Nothing", " to", " do."]))
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "loop"},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "loop")
         assert response.status_code == 201
         sent = model_requests(service)
         assert [r.get("tool_choice") for r in sent] == [None, None, "none"]
@@ -330,11 +336,7 @@ async def test_the_round_limit_holds(start_service: Any) -> None:
         # One that calls anyway has no third round run for it.
         service.upstream.requests.clear()
         service.upstream.queue(calls, calls, calls)
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "loop again"},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "loop again")
         assert response.status_code == 502
         assert response.json()["code"] == "too_many_tool_rounds"
         assert len(model_requests(service)) == 3
@@ -411,11 +413,7 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
             Reply(tokens=["Waiting"], tool_calls=[("w1", "wait", "{}"), ("q1", "quick", "{}")]),
             Reply(tokens=["never", " sent"]),
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "wait", "background": True},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "wait", background=True)
         reply_id = response.json()["assistant_message"]["id"]
         live = asyncio.create_task(follow(service, reply_id))
         await asyncio.wait_for(started.wait(), 5)
@@ -483,11 +481,7 @@ async def test_tool_results_that_outgrow_the_context_end_the_reply(start_service
         service.upstream.queue(
             Reply(tokens=[], tool_calls=[("b1", "big", "{}")]), Reply(tokens=["never"])
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "go"},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "go")
         assert response.status_code == 413
         assert response.json()["code"] == "context_too_large"
         assert len(model_requests(service)) == 1
@@ -509,11 +503,7 @@ async def test_tool_rounds_count_against_the_daily_quota(
             Reply(tokens=["a"] * 20, tool_calls=[("q1", "list_tasks", "{}")]),
             Reply(tokens=["never"]),
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "hi"},
-            headers=service.auth("carol"),
-        )
+        response = await send(service, conversation["id"], "hi", user="carol")
         assert response.status_code == 429
         assert response.json()["code"] == "quota_exceeded"
         assert len(model_requests(service)) == 1
@@ -645,11 +635,7 @@ async def test_a_checkpoint_taken_before_a_round_moved_the_reply_writes_nothing(
             Reply(tokens=["Round", " one"], tool_calls=[("h1", "hold", "{}")]),
             Reply(tokens=["Round", " two"]),
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "go", "background": True},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "go", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
         generation = service.server.app.state.registry.get(reply_id)
         await eventually(lambda: generation.reply_seq == 4)  # moved past the call and result
@@ -682,11 +668,7 @@ async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
                 tokens=["Adding"], tool_calls=[("e1", "add_task", '{"title": "never"}')], gate=gate
             )
         )
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "add never", "background": True},
-            headers=service.auth(),
-        )
+        response = await send(service, conversation["id"], "add never", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
         generation = service.server.app.state.registry.get(reply_id)
         await eventually(lambda: generation.length > 0)
