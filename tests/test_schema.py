@@ -72,7 +72,9 @@ class ThreadedService:
         self._stop = asyncio.Event()
         upstream = await FakeUpstream().start()
         try:
-            settings = settings_for(self.database_url, upstream.base_url)
+            # Whether a message fits the model's context depends on the model and on what the
+            # conversation offers, which no schema can state: a budget nothing fuzzed outgrows.
+            settings = settings_for(self.database_url, upstream.base_url, context_tokens=1_000_000)
             self.token = issue_token(settings, USER)
             async with LiveServer(create_app(settings)) as server:
                 self.url = server.url

@@ -70,6 +70,8 @@ _REPLY_RESPONSES: dict[int | str, dict[str, Any]] = {
     **problem_responses(
         {
             409: "A reply is still being generated in this conversation",
+            413: "The body is larger than the configured limit, or the message (with the system "
+            "prompt, summary and tools' definitions) does not fit the model's context",
             429: "Too many requests or replies, a spent daily quota, or a rate-limiting provider",
             502: "The model provider failed",
             503: "The model provider or the database could not be reached",
