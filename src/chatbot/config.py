@@ -46,6 +46,12 @@ TOOLSET_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 """A toolset's name: also the prefix of an MCP server's tool names, so short and plain."""
 
 
+def check_toolset_name(name: str) -> str:
+    if re.fullmatch(TOOLSET_NAME_PATTERN, name) is None:
+        raise ValueError(f"{name!r} is not a toolset name ({TOOLSET_NAME_PATTERN})")
+    return name
+
+
 class McpServer(BaseModel):
     """An MCP server whose tools conversations may use: a command to start over stdio, or the
     URL of a streamable HTTP endpoint."""
@@ -167,8 +173,7 @@ class Settings(BaseSettings):
     @classmethod
     def _toolset_names(cls, value: list[str] | dict[str, McpServer]) -> object:
         for name in value:
-            if re.fullmatch(TOOLSET_NAME_PATTERN, name) is None:
-                raise ValueError(f"{name!r} is not a toolset name ({TOOLSET_NAME_PATTERN})")
+            check_toolset_name(name)
         return value
 
     @field_validator("database_url")

@@ -33,6 +33,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def changed_rows(result: object) -> int:
+    """Rows an UPDATE or DELETE changed (the typed Result does not name `rowcount`)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def new_id() -> uuid.UUID:
     return uuid.uuid4()
 

@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, WithJsonSchema
 
+from chatbot.config import TOOLSET_NAME_PATTERN
+
 MAX_METADATA_BYTES = 16_384
 MAX_METADATA_DEPTH = 8
 
@@ -99,7 +101,7 @@ ProfileName = Annotated[
 ]
 ToolsetName = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$"),
+    StringConstraints(min_length=1, max_length=32, pattern=TOOLSET_NAME_PATTERN),
     WithJsonSchema({"type": "string", SETTING_MARK: "toolsets"}, mode="validation"),
 ]
 

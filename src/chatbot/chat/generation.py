@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -32,10 +32,10 @@ from chatbot.llm.client import (
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.quotas import service as quotas
-from chatbot.streams.follow import outcome_of
+from chatbot.streams.follow import outcome_of, stored_outcome
 from chatbot.streams.registry import Generation, Outcome, StopReason
 from chatbot.tools.base import Tool, ToolContext, ToolResult, error_result, run_tool
-from chatbot.tools.events import call_data, calls_made, result_data, stored_events, tool_error
+from chatbot.tools.events import call_data, result_data, tool_error
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ class _Turn:
     """Tokens of the last call, not yet added to the user's day."""
     calls: list[dict[str, Any]] = field(default_factory=list)
     """The calls made so far with their results, as the finished turn lists them."""
-    call_ids: set[str] = field(default_factory=set)
     pending: _Round | None = None
     """The round whose calls are stored and whose results are not."""
     storing: asyncio.Future[Any] | None = None
@@ -112,6 +111,7 @@ class _Turn:
     def unique(self, calls: tuple[ToolCall, ...]) -> tuple[ToolCall, ...]:
         """Every call with an id of its own within the turn (some servers send none, or the
         same one each round), and no NUL, which PostgreSQL cannot store."""
+        taken = {str(made["id"]) for made in self.calls}
         fixed = []
         for call in calls:
             call = replace(
@@ -119,9 +119,9 @@ class _Turn:
                 name=call.name.replace("\x00", ""),
                 arguments=call.arguments.replace("\x00", ""),
             )
-            if not call.id or call.id in self.call_ids or len(call.id) > 100:
+            if not call.id or call.id in taken or len(call.id) > 100:
                 call = replace(call, id=f"call_{uuid.uuid4().hex[:24]}")
-            self.call_ids.add(call.id)
+            taken.add(call.id)
             fixed.append(call)
         return tuple(fixed)
 
@@ -402,31 +402,24 @@ class ReplyRunner:
     async def _store_results(self, generation: Generation, round_: _Round, turn: _Turn) -> None:
         """Store one tool message per call, retrying a busy or restarting database: a call
         without its result would make the conversation unsendable."""
-        for delay in (*self._store_retry_delays, None):
-            try:
-                now = utcnow()
-                async with self._sessionmaker() as session:
-                    messages.add(
-                        session,
-                        *(
-                            self._tool_message(generation, round_, index, call, now)
-                            for index, call in enumerate(round_.calls)
-                        ),
-                    )
-                    await session.commit()
-                    turn.pending = None
-                    return
-            except IntegrityError:
-                raise _Superseded() from None  # the conversation was deleted meanwhile
-            except Exception:
-                if delay is None:
-                    raise
-                logger.warning(
-                    "could not store tool results of reply %s; retrying in %g s",
-                    generation.message_id,
-                    delay,
+
+        async def store() -> None:
+            now = utcnow()
+            async with self._sessionmaker() as session:
+                messages.add(
+                    session,
+                    *(
+                        self._tool_message(generation, round_, index, call, now)
+                        for index, call in enumerate(round_.calls)
+                    ),
                 )
-                await asyncio.sleep(delay)
+                try:
+                    await session.commit()
+                except IntegrityError:
+                    raise _Superseded() from None  # the conversation was deleted meanwhile
+            turn.pending = None
+
+        await self._retrying(generation, "tool results", store)
 
     def _tool_message(
         self, generation: Generation, round_: _Round, index: int, call: ToolCall, now: datetime
@@ -527,24 +520,21 @@ class ReplyRunner:
     ) -> tuple[Message | None, AppError | None]:
         """Store the reply and free its conversation, retrying a busy or restarting database;
         if that still fails, at least mark it failed and free the conversation."""
-        for delay in (*self._store_retry_delays, None):
-            try:
-                async with self._sessionmaker() as session:
-                    stored = await messages.finish(session, generation.message_id, values)
-                    await conversations.release_reply(
-                        session, generation.conversation_id, generation.message_id
-                    )
-                    await quotas.record_usage(session, generation.user_id, tokens)
-                    await session.commit()
-                return stored, None
-            except Exception:
-                if delay is None:
-                    logger.exception("could not store reply %s", generation.message_id)
-                    break
-                logger.warning(
-                    "could not store reply %s; retrying in %g s", generation.message_id, delay
+
+        async def store() -> Message | None:
+            async with self._sessionmaker() as session:
+                stored = await messages.finish(session, generation.message_id, values)
+                await conversations.release_reply(
+                    session, generation.conversation_id, generation.message_id
                 )
-                await asyncio.sleep(delay)
+                await quotas.record_usage(session, generation.user_id, tokens)
+                await session.commit()
+            return stored
+
+        try:
+            return await self._retrying(generation, "the end", store), None
+        except Exception:
+            logger.exception("could not store reply %s", generation.message_id)
         error = AppError("The reply could not be stored", code="storage_failed", status=503)
         fallback = {
             "status": MessageStatus.INCOMPLETE if generation.content else MessageStatus.FAILED,
@@ -563,6 +553,26 @@ class ReplyRunner:
             logger.exception("could not mark reply %s as failed", generation.message_id)
         return None, error
 
+    async def _retrying(
+        self, generation: Generation, what: str, store: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """Run a store, retrying a busy or restarting database; the last failure is raised, and
+        so is a reply found superseded, which no retry mends."""
+        for delay in self._store_retry_delays:
+            try:
+                return await store()
+            except _Superseded:
+                raise
+            except Exception:
+                logger.warning(
+                    "could not store %s of reply %s; retrying in %g s",
+                    what,
+                    generation.message_id,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        return await store()
+
     async def _record_spent(self, generation: Generation, tokens: int) -> None:
         """A reply finished elsewhere still spent what its last call cost."""
         try:
@@ -578,11 +588,7 @@ class ReplyRunner:
             turn = await messages.turn_of(session, stored) if stored else []
         if stored is None:
             return _lost(generation, error)
-        return outcome_of(
-            stored,
-            headers=error.headers if error else None,
-            tool_calls=calls_made(stored_events(turn)),
-        )
+        return stored_outcome(stored, turn, headers=error.headers if error else None)
 
 
 def _unknown(generation: Generation) -> Outcome:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
 from chatbot.conversations.models import Conversation
-from chatbot.db import utcnow
+from chatbot.db import changed_rows, utcnow
 from chatbot.errors import UpstreamError
 from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient, TextDelta
 from chatbot.messages import repository as messages
@@ -233,7 +233,7 @@ class Chores:
                     )
                 )
                 await session.commit()
-            if not getattr(stored, "rowcount", 0):
+            if not changed_rows(stored):
                 return  # somebody else moved the summary on meanwhile
 
     async def _summary_of(self, previous: str | None, rows: list[Message]) -> str:

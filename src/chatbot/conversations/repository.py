@@ -6,7 +6,7 @@ from sqlalchemy import Select, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
-from chatbot.db import utcnow
+from chatbot.db import changed_rows, utcnow
 
 
 async def get_owned(
@@ -50,7 +50,7 @@ async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uui
             Conversation.id == conversation_id, Conversation.user_id == user_id
         )
     )
-    return bool(getattr(result, "rowcount", 0))
+    return changed_rows(result) > 0
 
 
 async def claim_reply(
@@ -100,7 +100,7 @@ async def extend_reply(
         .values(message_count=Conversation.message_count + positions)
         .execution_options(synchronize_session=False)
     )
-    return bool(getattr(result, "rowcount", 0))
+    return changed_rows(result) > 0
 
 
 async def release_reply(

@@ -30,14 +30,12 @@ async def list_conversations(
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> Page[ConversationOut]:
-    return await service.list_page(
-        session, user_id, limit=limit, cursor=cursor, default_toolsets=tools.default
-    )
+    return await service.list_page(session, user_id, limit=limit, cursor=cursor, tools=tools)
 
 
 @router.get("/{conversation_id}")
 async def get_conversation(conversation: OwnedConversation, tools: ToolsDep) -> ConversationOut:
-    return ConversationOut.of(conversation, tools.default)
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
 
 
 @router.patch("/{conversation_id}")

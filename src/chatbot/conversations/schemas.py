@@ -55,7 +55,8 @@ class ConversationOut(BaseModel):
     last_message_at: datetime | None
 
     @classmethod
-    def of(cls, conversation: Conversation, default_toolsets: list[str]) -> "ConversationOut":
+    def of(cls, conversation: Conversation, toolsets: list[str]) -> "ConversationOut":
+        """`toolsets`: the ones it uses, as `ToolRegistry.toolsets_of` resolves them."""
         return cls(
             id=conversation.id,
             title=conversation.title,
@@ -63,7 +64,7 @@ class ConversationOut(BaseModel):
             system_prompt=conversation.system_prompt,
             prompt_profile=conversation.prompt_profile,
             metadata=conversation.metadata_ or {},
-            toolsets=default_toolsets if conversation.toolsets is None else conversation.toolsets,
+            toolsets=toolsets,
             message_count=conversation.message_count,
             created_at=conversation.created_at,
             updated_at=conversation.updated_at,

@@ -24,7 +24,7 @@ async def create(
     conversation = new_conversation(user_id, body, tools)
     repository.add(session, conversation)
     await session.commit()
-    return ConversationOut.of(conversation, tools.default)
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
 
 
 def new_conversation(user_id: str, body: ConversationCreate, tools: ToolRegistry) -> Conversation:
@@ -52,7 +52,7 @@ async def list_page(
     *,
     limit: int,
     cursor: str | None,
-    default_toolsets: list[str],
+    tools: ToolRegistry,
 ) -> Page[ConversationOut]:
     before = _conversation_position(cursor) if cursor else None
     rows = await repository.list_recent(session, user_id, limit=limit + 1, before=before)
@@ -62,7 +62,8 @@ async def list_page(
         last = rows[-1]
         next_cursor = encode_cursor({"u": last.updated_at.isoformat(), "i": str(last.id)})
     return Page(
-        data=[ConversationOut.of(row, default_toolsets) for row in rows], next_cursor=next_cursor
+        data=[ConversationOut.of(row, tools.toolsets_of(row)) for row in rows],
+        next_cursor=next_cursor,
     )
 
 
@@ -93,7 +94,7 @@ async def update(
         setattr(conversation, field, value)
     conversation.updated_at = utcnow()
     await session.commit()
-    return ConversationOut.of(conversation, tools.default)
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
 
 
 async def delete(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> None:

@@ -4,6 +4,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot.db import changed_rows
 from chatbot.messages.models import Message, MessageStatus, Role
 
 
@@ -117,7 +118,7 @@ async def move_reply(
         .values(seq=to_seq, content="")
         .execution_options(synchronize_session=False)
     )
-    return bool(getattr(result, "rowcount", 0))
+    return changed_rows(result) > 0
 
 
 def add(session: AsyncSession, *messages: Message) -> None:

@@ -40,12 +40,19 @@ def outcome_of(
     )
 
 
-def stored_items(turn: list[Message], reply: Message) -> list[Item]:
-    """A stored reply as the stream it was: the tool rounds of its turn, then its text, with
-    the positions the live stream gave them."""
+def stored_outcome(
+    message: Message, turn: list[Message], headers: dict[str, str] | None = None
+) -> Outcome:
+    """The outcome of a finished reply read back with its turn (`messages.turn_of`)."""
+    return outcome_of(message, headers, calls_made(stored_events(turn)))
+
+
+def stored_items(events: list[tuple[str, str | dict[str, Any]]], reply: Message) -> list[Item]:
+    """A stored reply as the stream it was: the tool rounds of its turn (`stored_events`), then
+    its text, with the positions the live stream gave them."""
     items: list[Item] = []
     position = 0
-    for kind, data in [*stored_events(turn), ("text", reply.content)]:
+    for kind, data in [*events, ("text", reply.content)]:
         if isinstance(data, str):
             position += len(data)
             if data:
@@ -63,7 +70,7 @@ def _after(items: list[Item], position: int) -> list[Item]:
         if item.end <= position:
             continue
         if isinstance(item, Delta) and item.end - len(item.text) < position:
-            item = Delta(item.text[len(item.text) - (item.end - position) :], item.end)
+            item = item.after(position)
         rest.append(item)
     return rest
 
@@ -109,12 +116,11 @@ class ReplyFollower:
                     ),
                 )
                 return
-            items = stored_items(turn, message)
-            if fresh := _after(items, delivered):
+            if fresh := _after(stored_items(stored_events(turn), message), delivered):
                 yield tuple(fresh)
                 delivered = fresh[-1].end
             if message.status is not MessageStatus.IN_PROGRESS:
-                yield outcome_of(message, tool_calls=calls_made(stored_events(turn)))
+                yield stored_outcome(message, turn)
                 return
             await asyncio.sleep(self._poll_seconds)
 

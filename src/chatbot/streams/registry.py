@@ -26,6 +26,10 @@ class Delta:
     end: int
     """The stream position once this delta is delivered."""
 
+    def after(self, position: int) -> "Delta":
+        """The part of this delta past `position` (which falls inside it)."""
+        return Delta(self.text[position - (self.end - len(self.text)) :], self.end)
+
 
 @dataclass(frozen=True, slots=True)
 class ToolEvent:
@@ -149,11 +153,11 @@ class Generation:
                     if isinstance(piece, ToolEvent):
                         batch.append(piece)
                         continue
-                    start = end - len(piece)
-                    if starting_after > start:
-                        piece = piece[starting_after - start :]
-                    if piece:
-                        batch.append(Delta(piece, end))
+                    delta = Delta(piece, end)
+                    if starting_after > end - len(piece):
+                        delta = delta.after(starting_after)
+                    if delta.text:
+                        batch.append(delta)
                 if batch:
                     yield tuple(batch)
                     # More may have come, and the reply may have ended, while that was sent.

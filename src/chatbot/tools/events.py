@@ -21,12 +21,11 @@ def call_data(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_data(call_id: str, name: str | None, status: str, content: str) -> dict[str, Any]:
-    preview = content if len(content) <= RESULT_PREVIEW_CHARS else content[:RESULT_PREVIEW_CHARS]
     return {
         "call_id": call_id,
         "name": name,
         "status": status,
-        "result": preview,
+        "result": content[:RESULT_PREVIEW_CHARS],
         "truncated": len(content) > RESULT_PREVIEW_CHARS,
     }
 

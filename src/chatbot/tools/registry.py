@@ -3,10 +3,9 @@
 A conversation names the ones its replies may use."""
 
 import importlib
-import re
 from collections.abc import Iterable, Mapping
 
-from chatbot.config import TOOLSET_NAME_PATTERN, ConfigError, Settings
+from chatbot.config import ConfigError, Settings, check_toolset_name
 from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
 from chatbot.tasks.tools import TASKS
@@ -42,21 +41,21 @@ class ToolRegistry:
         for toolset in (*built_in, *imported_toolsets(settings.toolset_imports)):
             if toolset.name in self._built_in:
                 raise ConfigError(f"two toolsets are named {toolset.name}")
-            if re.fullmatch(TOOLSET_NAME_PATTERN, toolset.name) is None:
-                raise ConfigError(
-                    f"{toolset.name!r} is not a toolset name ({TOOLSET_NAME_PATTERN})"
-                )
+            try:
+                check_toolset_name(toolset.name)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             self._built_in[toolset.name] = toolset
-        self._mcp_names = [name for name in settings.mcp_servers if name not in self._built_in]
+        if clash := sorted(set(settings.mcp_servers) & set(self._built_in)):
+            raise ConfigError(f"CHATBOT_MCP_SERVERS: {', '.join(clash)} is a built-in toolset")
+        self._mcp_names = list(settings.mcp_servers)
         self._allowed = {
             name: set(server.users) for name, server in settings.mcp_servers.items() if server.users
         }
         self._sources: dict[str, McpToolSource] = {}
-        self.default = list(settings.default_toolsets)
+        self._default = list(settings.default_toolsets)
         self._max_rounds = settings.max_tool_rounds
-        if clash := sorted(set(settings.mcp_servers) & set(self._built_in)):
-            raise ConfigError(f"CHATBOT_MCP_SERVERS: {', '.join(clash)} is a built-in toolset")
-        if unknown := sorted(set(self.default) - set(self.names)):
+        if unknown := sorted(set(self._default) - set(self.names)):
             raise ConfigError(f"CHATBOT_DEFAULT_TOOLSETS: unknown toolset {', '.join(unknown)}")
 
     @property
@@ -84,7 +83,7 @@ class ToolRegistry:
             )
 
     def toolsets_of(self, conversation: Conversation) -> list[str]:
-        return self.default if conversation.toolsets is None else conversation.toolsets
+        return self._default if conversation.toolsets is None else conversation.toolsets
 
     def offered(self, conversation: Conversation) -> Mapping[str, Tool]:
         """The tools a turn of this conversation offers the model (none when no round of
