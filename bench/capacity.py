@@ -50,13 +50,12 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import _cpu_seconds, _proc_status
+from loadtest import _proc_status
 from overhead import (
     SEQUENTIAL_MODEL,
     Connection,
@@ -67,7 +66,7 @@ from overhead import (
     _run_loop,
     _slots,
 )
-from report import percentiles, publish
+from report import fmt, percentiles
 from servers import (
     DIRECT,
     LITELLM,
@@ -77,9 +76,13 @@ from servers import (
     Server,
     Servers,
     comma_list,
+    cpu_seconds,
     is_ours,
     parse_scenario_args,
+    rotated,
+    run_scenario,
     scenario_parser,
+    wait_quiet,
 )
 
 from chatbot.config import Settings
@@ -139,10 +142,6 @@ def _rss_kib(pids: list[int]) -> int:
     return sum(_proc_status(pid, "VmRSS") or 0 for pid in pids)
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(_cpu_seconds(pid) for pid in pids)
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -152,18 +151,11 @@ def _alive(pid: int) -> bool:
 
 
 async def _quiet(configurations: list[Configuration], timeout_s: float = 60) -> bool:
-    """Wait until every server (all its processes, unlike overhead's `_quiet`) is idle: what a
-    phase left to do (the replies' last writes, titles) must not land in the next one."""
+    """Wait until every server (all its processes, unlike overhead, which waits for each
+    server's main process) is idle: what a phase left to do (the replies' last writes, titles)
+    must not land in the next one."""
     pids = [pid for configuration in configurations for pid in configuration.pids()]
-    deadline = time.monotonic() + timeout_s
-    before = [_cpu_seconds(pid) for pid in pids]
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1)
-        after = [_cpu_seconds(pid) for pid in pids]
-        if all(now - then < 0.05 for now, then in zip(after, before, strict=True)):
-            return True
-        before = after
-    return False
+    return await wait_quiet(pids, timeout_s)
 
 
 async def _idle_rss_kib(configuration: Configuration) -> int:
@@ -290,7 +282,7 @@ async def _sample(phase: Phase, upstream: Configuration) -> None:
     server_pids, upstream_pids = phase.configuration.pids(), upstream.pids()
     await asyncio.sleep(max(0.0, phase.counted_from - time.monotonic()))
     started, load = time.monotonic(), MachineLoad()
-    server, fake, client = _cpu(server_pids), _cpu(upstream_pids), time.process_time()
+    server, fake, client = cpu_seconds(server_pids), cpu_seconds(upstream_pids), time.process_time()
     tick = started
     while (tick := tick + 1) <= phase.counted_to:
         await asyncio.sleep(max(0.0, tick - time.monotonic()))
@@ -299,8 +291,8 @@ async def _sample(phase: Phase, upstream: Configuration) -> None:
     await asyncio.sleep(max(0.0, phase.counted_to - time.monotonic()))
     seconds = time.monotonic() - started
     phase.cpu = {
-        "server": (_cpu(server_pids) - server) / seconds,
-        "upstream": (_cpu(upstream_pids) - fake) / seconds,
+        "server": (cpu_seconds(server_pids) - server) / seconds,
+        "upstream": (cpu_seconds(upstream_pids) - fake) / seconds,
         "client": (time.process_time() - client) / seconds,
     }
     phase.machine = load.report()
@@ -460,8 +452,7 @@ async def _measure(
         for level_index, level in enumerate(args.levels):
             if not running:
                 break
-            shift = level_index % len(running)
-            order = running[shift:] + running[:shift]
+            order = rotated(running, level_index)
             levels[str(level)] = {"order": [c.name for c in order], "configurations": {}}
             for configuration in order:
                 quiet = await _quiet(configurations)
@@ -488,9 +479,9 @@ def _progress(name: str, row: dict[str, Any]) -> None:
     gap = row["gap_ms"]
     cpu = row["cpu_pct_of_one_core"]
     print(
-        f"  {row['streams']:5} streams {name:14} gap p50/p95/p99 {_fmt(gap['p50'])} / "
-        f"{_fmt(gap['p95'])} / {_fmt(gap['p99'])}, {row['failures']} failures, "
-        f"{row['tokens_per_s']:g} tokens/s, {_fmt(row['kib_per_stream'], ' KiB')}/stream, "
+        f"  {row['streams']:5} streams {name:14} gap p50/p95/p99 {fmt(gap['p50'])} / "
+        f"{fmt(gap['p95'])} / {fmt(gap['p99'])}, {row['failures']} failures, "
+        f"{row['tokens_per_s']:g} tokens/s, {fmt(row['kib_per_stream'], ' KiB')}/stream, "
         f"CPU server {cpu.get('server')}% upstream {cpu.get('upstream')}% client "
         f"{cpu.get('client')}% -> {'pass' if row['passed'] else 'FAIL'}",
         flush=True,
@@ -542,10 +533,6 @@ def _targets(levels: dict[str, dict[str, Any]], names: list[str]) -> dict[str, d
     return targets
 
 
-def _fmt(value: float | None, unit: str = " ms") -> str:
-    return "-" if value is None else f"{value:.1f}{unit}"
-
-
 def _markdown(result: dict[str, Any]) -> str:
     method = result["method"]
     reply = method["reply"]
@@ -588,10 +575,10 @@ def _markdown(result: dict[str, Any]) -> str:
             )
             share = row["delivered_share"]
             lines.append(
-                f"| {row['streams']} | {name} | {_fmt(gap['p50'])} | {_fmt(gap['p95'])} "
-                f"| {_fmt(gap['p99'])} | {_fmt(row['ttft_ms']['p95'])} | {row['failures']} "
-                f"| {row['tokens_per_s']:g} ({share:.0%}) | {_fmt(row['rss_mib'], ' MiB')} "
-                f"| {_fmt(row['kib_per_stream'], '')} | {shares} "
+                f"| {row['streams']} | {name} | {fmt(gap['p50'])} | {fmt(gap['p95'])} "
+                f"| {fmt(gap['p99'])} | {fmt(row['ttft_ms']['p95'])} | {row['failures']} "
+                f"| {row['tokens_per_s']:g} ({share:.0%}) | {fmt(row['rss_mib'], ' MiB')} "
+                f"| {fmt(row['kib_per_stream'], '')} | {shares} "
                 f"| {'yes' if row['passed'] else 'no'} |"
             )
     pool = method["ours_upstream_max_connections"]
@@ -638,16 +625,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         args.peers_venv,
     ) as servers:
         configurations = [
-            Configuration(
-                Target(
-                    server.name,
-                    server.port,
-                    server.pid,
-                    ours=is_ours(server.name),
-                    master_key=servers.master_key if server.name == LITELLM else None,
-                ),
-                server,
-            )
+            Configuration(Target.of(server, servers.master_key), server)
             for server in servers.servers.values()
         ]
         print(
@@ -733,13 +711,7 @@ def main() -> None:
         parser.error("--levels: at least one level, each at least 1")
     args.open_files_limit = _raise_open_files_limit()
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatbot-capacity-"))
-    started = time.monotonic()
-    result = run(args, workdir)
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    markdown = _markdown(result)
-    publish(SCENARIO, result, markdown, args.output, args.markdown)
-    print(markdown)
+    _, workdir = run_scenario(SCENARIO, "capacity", args, run, _markdown)
     if args.keep:
         print(f"logs kept in {workdir}")
     else:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,12 +27,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtest import _free_ports, _prepare_database, _stop, _wait_ready  # noqa: E402
 from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish  # noqa: E402
 from tests.fake_upstream import UTILITY_MODEL, FakeUpstream, Reply  # noqa: E402
 
@@ -43,27 +42,6 @@ from chatbot.messages.models import Message, MessageStatus, Role  # noqa: E402
 
 REPLY = [" word"] * 20
 SCENARIO = "growth"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _database(target: str, workdir: Path) -> str:
-    if target == "sqlite":
-        return f"sqlite+aiosqlite:///{workdir}/bench.db"
-    dsn = target.replace("postgresql+asyncpg://", "postgresql://")
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute('DROP DATABASE IF EXISTS "chatbot_bench" WITH (FORCE)')
-        await connection.execute('CREATE DATABASE "chatbot_bench"')
-    finally:
-        await connection.close()
-    base = dsn.rsplit("/", 1)[0]
-    return base.replace("postgresql://", "postgresql+asyncpg://", 1) + "/chatbot_bench"
 
 
 async def _seed(database_url: str, sizes: list[int]) -> list[str]:
@@ -110,24 +88,13 @@ async def _seed(database_url: str, sizes: list[int]) -> list[str]:
     return ids
 
 
-async def _wait_ready(client: httpx.AsyncClient) -> None:
-    for _ in range(300):
-        try:
-            if (await client.get("/readyz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("the service did not start")
-
-
 async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
-        database_url = await _database(database, Path(workdir))
+        database_url = await _prepare_database(database, "chatbot_bench", Path(workdir))
         conversation_ids = await _seed(database_url, sizes)
         upstream = await FakeUpstream(Reply(tokens=REPLY)).start()
         upstream.utility_default = Reply(tokens=["A", " summary."])
-        port = _free_port()
+        port = _free_ports(1)[0]
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -147,8 +114,10 @@ async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
         timings: dict[int, list[float]] = {size: [] for size in sizes}
         server_timings: dict[int, list[float]] = {size: [] for size in sizes}
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-                await _wait_ready(client)
+            base_url = f"http://127.0.0.1:{port}"
+            # In a thread: the fake upstream answers from this event loop.
+            await asyncio.to_thread(_wait_ready, base_url, server)
+            async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
                 for round_number in range(turns + 20):
                     for size, conversation_id in zip(sizes, conversation_ids, strict=True):
                         started = time.perf_counter()
@@ -164,8 +133,7 @@ async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
                             server_timings[size].append(float(stored))
                         await asyncio.sleep(0.005)  # let the chores of the turn run
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            _stop(server)
             await upstream.stop()
     medians = {size: statistics.median(values) for size, values in timings.items()}
     server = {size: statistics.median(values) for size, values in server_timings.items()}

@@ -143,6 +143,47 @@ def _stop(
         process.wait(timeout=10)
 
 
+def _service_env(
+    database_url: str, upstream_port: int, port: int, jwt_secret: str, log_level: str
+) -> dict[str, str]:
+    """The environment of `chatbot serve` on a loopback port, JWT on, relaying to the fake
+    upstream on `upstream_port`; a Redis of this environment is left out."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CHATBOT_AUTO_MIGRATE": "false",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "OPENAI_API_KEY": "bench",
+        "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
+        "CHATBOT_JWT_SECRET": jwt_secret,
+        "CHATBOT_AUTH": "jwt",
+        "CHATBOT_HOST": "127.0.0.1",
+        "CHATBOT_PORT": str(port),
+        "CHATBOT_LOG_LEVEL": log_level,
+    }
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def _migrate(env: dict[str, str]) -> None:
+    """`chatbot migrate` on the database of `env`, before the service starts."""
+    subprocess.run(
+        [sys.executable, "-m", "chatbot", "migrate"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def _user_token(secret: str, subject: str, lifetime_s: float = 3 * 3600) -> str:
+    """A JWT for the user `subject`, as the service started with `secret` accepts it."""
+    now = int(time.time())
+    return jwt.encode(
+        {"sub": subject, "iat": now, "exp": now + lifetime_s}, secret, algorithm="HS256"
+    )
+
+
 def _proc_status(pid: int, key: str) -> int | None:
     """A `kB` figure from /proc/<pid>/status (VmHWM is the peak resident set)."""
     with contextlib.suppress(OSError):
@@ -481,15 +522,9 @@ async def _sample(state: LoadState, service_pid: int) -> None:
 async def _load(
     args: argparse.Namespace, base_url: str, secret: str, state: LoadState, service_pid: int
 ) -> None:
-    now = int(time.time())
     lifetime = args.ramp_seconds + args.duration + 3600
     tokens = [
-        jwt.encode(
-            {"sub": f"loadtest-user-{worker}", "iat": now, "exp": now + lifetime},
-            secret,
-            algorithm="HS256",
-        )
-        for worker in range(args.streams)
+        _user_token(secret, f"loadtest-user-{worker}", lifetime) for worker in range(args.streams)
     ]
     timeout = httpx.Timeout(args.turn_timeout, connect=30, pool=None)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.streams)
@@ -591,27 +626,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], list[s
     database_url = asyncio.run(_prepare_database(args.database, args.pg_database, workdir))
     secret = secrets.token_urlsafe(48)
     upstream_port, service_port = _free_ports(2)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "CHATBOT_AUTO_MIGRATE": "false",
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-        "OPENAI_API_KEY": "loadtest",
-        "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
-        "CHATBOT_JWT_SECRET": secret,
-        "CHATBOT_AUTH": "jwt",
-        "CHATBOT_HOST": "127.0.0.1",
-        "CHATBOT_PORT": str(service_port),
-        "CHATBOT_LOG_LEVEL": args.log_level,
-    }
-    env.pop("REDIS_URL", None)
-    subprocess.run(
-        [sys.executable, "-m", "chatbot", "migrate"],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    env = _service_env(database_url, upstream_port, service_port, secret, args.log_level)
+    _migrate(env)
     upstream: subprocess.Popen[bytes] | None = None
     service: subprocess.Popen[bytes] | None = None
     service_log = workdir / "service.log"

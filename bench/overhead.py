@@ -34,7 +34,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -42,19 +41,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import jwt
-from loadtest import CLOCK_TICKS, RawStream, _cpu_seconds, _events
-from report import percentiles, publish
+from loadtest import CLOCK_TICKS, RawStream, _cpu_seconds, _events, _user_token
+from report import fmt, percentiles
 from servers import (
     DIRECT,
     LITELLM,
     OURS,
     PEERS_VENV,
     ReplyShape,
+    Server,
     Servers,
     comma_list,
+    is_ours,
     parse_scenario_args,
+    rotated,
+    run_scenario,
     scenario_parser,
+    wait_quiet,
 )
 
 SEQUENTIAL_MODEL = "bench-sequential"
@@ -99,6 +102,17 @@ class Target:
     """The process that serves it (the upstream itself for `direct`)."""
     ours: bool
     master_key: str | None = None
+
+    @classmethod
+    def of(cls, server: Server, master_key: str) -> "Target":
+        """How to reach a started server: ours as a user, LiteLLM with its master key."""
+        return cls(
+            server.name,
+            server.port,
+            server.pid,
+            ours=is_ours(server.name),
+            master_key=master_key if server.name == LITELLM else None,
+        )
 
     def request(self, slot: "Slot", model: str) -> tuple[str, bytes, dict[str, str]]:
         turn = slot.turns[self.name] = slot.turns.get(self.name, 0) + 1
@@ -185,11 +199,6 @@ async def _turn(target: Target, slot: Slot, model: str) -> float:
     return ttft_ms
 
 
-def _rotated(targets: list[Target], round_number: int) -> list[Target]:
-    shift = round_number % len(targets)
-    return targets[shift:] + targets[:shift]
-
-
 def _cpu(targets: list[Target]) -> dict[str, float]:
     """CPU seconds each server has used so far, and when ("at")."""
     return {"at": time.monotonic()} | {target.name: _cpu_seconds(target.pid) for target in targets}
@@ -220,19 +229,6 @@ def _stat() -> dict[str, int]:
     return {"busy": user + nice + system + irq + softirq + steal, "steal": steal}
 
 
-async def _quiet(targets: list[Target], timeout_s: float = 60) -> None:
-    """Wait until every server is idle: what the preparation or a level left to do (titles,
-    a backlog) must not land in the next measurement."""
-    deadline = time.monotonic() + timeout_s
-    before = _cpu(targets)
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1)
-        after = _cpu(targets)
-        if all(after[target.name] - before[target.name] < 0.05 for target in targets):
-            return
-        before = after
-
-
 # ---------------------------------------------------------------- levels
 
 
@@ -243,7 +239,7 @@ async def _sequential(
     errors: dict[str, list[str]] = {target.name: [] for target in targets}
     cpu_before, started, load = _cpu(targets), time.monotonic(), MachineLoad()
     for round_number in range(warmup + rounds):
-        for target in _rotated(targets, round_number):
+        for target in rotated(targets, round_number):
             try:
                 ttft_ms = await asyncio.wait_for(_turn(target, slot, SEQUENTIAL_MODEL), 30)
             except Exception as exc:
@@ -301,7 +297,7 @@ async def _concurrent(
     phases = [
         Phase(target, round_number)
         for round_number in range(args.rounds)
-        for target in _rotated(targets, round_number)
+        for target in rotated(targets, round_number)
     ]
     current = 0
     in_flight = 0
@@ -439,18 +435,7 @@ def _ratios(level: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 
 def _slots(count: int, secret: str, prefix: str) -> list[Slot]:
-    now = int(time.time())
-    return [
-        Slot(
-            index,
-            jwt.encode(
-                {"sub": f"bench-{prefix}-{index}", "iat": now, "exp": now + 3 * 3600},
-                secret,
-                algorithm="HS256",
-            ),
-        )
-        for index in range(count)
-    ]
+    return [Slot(index, _user_token(secret, f"bench-{prefix}-{index}")) for index in range(count)]
 
 
 async def _prepare_ours(
@@ -490,10 +475,6 @@ async def _conversations(
 # ---------------------------------------------------------------- report
 
 
-def _fmt(value: float | None, unit: str = " ms") -> str:
-    return "-" if value is None else f"{value:.1f}{unit}"
-
-
 def _markdown(result: dict[str, Any]) -> str:
     upstream = result["upstream"]
     replies = "; ".join(
@@ -520,13 +501,13 @@ def _markdown(result: dict[str, Any]) -> str:
             added = row["added_ms"] or {"p50": None, "p95": None, "p99": None}
             ratio = ratios.get(name, {}).get("p50")
             if level["streams"] == 1:
-                cpu = _fmt(row["server_cpu_ms_per_turn"], " ms/turn")
+                cpu = fmt(row["server_cpu_ms_per_turn"], " ms/turn")
             else:
                 share = row["server_cpu_pct_of_one_core"]
                 cpu = "-" if share is None else f"{share}% of a core"
             lines.append(
-                f"| {level['streams']} | {name} | {_fmt(row['ttft_ms']['p50'])} "
-                f"| {_fmt(added['p50'])} | {_fmt(added['p95'])} | {_fmt(added['p99'])} "
+                f"| {level['streams']} | {name} | {fmt(row['ttft_ms']['p50'])} "
+                f"| {fmt(added['p50'])} | {fmt(added['p95'])} | {fmt(added['p99'])} "
                 f"| {'-' if ratio is None else f'{ratio:.2f}'} | {cpu} | {row['samples']} "
                 f"| {row['errors']} |"
             )
@@ -573,16 +554,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         args.pg_database,
         args.peers_venv,
     ) as servers:
-        targets = [
-            Target(
-                server.name,
-                server.port,
-                server.pid,
-                ours=server.name in OURS,
-                master_key=servers.master_key if server.name == LITELLM else None,
-            )
-            for server in servers.servers.values()
-        ]
+        targets = [Target.of(server, servers.master_key) for server in servers.servers.values()]
         print(f"measuring {', '.join(t.name for t in targets)}; logs in {workdir}", flush=True)
         levels = _run_loop(_measure(args, targets, servers.jwt_secret, shapes))
         servers.check_alive()
@@ -613,7 +585,8 @@ async def _measure(
     clients = {level: _slots(level, secret, f"c{level}") for level in args.levels}
     for level, slots in clients.items():
         await _prepare_ours(targets, slots, shapes[str(level)].model, per_slot=1)
-    await _quiet(targets)  # the titles of the new conversations are written after their replies
+    # The titles of the new conversations are written after their replies.
+    await wait_quiet([target.pid for target in targets])
     try:
         print(f"sequential: {args.sequential_rounds} rounds", flush=True)
         levels["sequential"] = await _sequential(
@@ -626,7 +599,7 @@ async def _measure(
                 f"{level} streams: {args.rounds} rounds, replies of {shape.tokens} tokens",
                 flush=True,
             )
-            await _quiet(targets)
+            await wait_quiet([target.pid for target in targets])
             levels[str(level)] = await _concurrent(targets, slots, shape, args)
             _progress(levels[str(level)])
             for slot in slots:
@@ -647,8 +620,8 @@ def _progress(level: dict[str, Any]) -> None:
     for name, row in level["targets"].items():
         added = row["added_ms"] or {}
         print(
-            f"  {name:14} ttft p50 {_fmt(row['ttft_ms']['p50'])}, added p50/p95/p99 "
-            f"{_fmt(added.get('p50'))} / {_fmt(added.get('p95'))} / {_fmt(added.get('p99'))}"
+            f"  {name:14} ttft p50 {fmt(row['ttft_ms']['p50'])}, added p50/p95/p99 "
+            f"{fmt(added.get('p50'))} / {fmt(added.get('p95'))} / {fmt(added.get('p99'))}"
             f" ({row['samples']} samples, {row['errors']} errors)",
             flush=True,
         )
@@ -687,12 +660,7 @@ def main() -> None:
     parser.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
     args = parse_scenario_args(parser)
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatbot-overhead-"))
-    started = time.monotonic()
-    result = run(args, workdir)
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    publish(SCENARIO, result, _markdown(result), args.output, args.markdown)
-    print(_markdown(result))
+    result, workdir = run_scenario(SCENARIO, "overhead", args, run, _markdown)
     errors = sum(
         row["errors"] for level in result["levels"].values() for row in level["targets"].values()
     )

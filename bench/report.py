@@ -26,6 +26,11 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2)}
 
 
+def fmt(value: float | None, unit: str = " ms") -> str:
+    """A figure of a table or a progress line, to a tenth; "-" where nothing was measured."""
+    return "-" if value is None else f"{value:.1f}{unit}"
+
+
 def publish(
     key: str,
     result: dict[str, Any],

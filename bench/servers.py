@@ -18,26 +18,34 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from loadtest import _free_ports, _prepare_database, _stop, _wait_for_port, _wait_ready
-from report import LATEST_JSON, LATEST_MARKDOWN
+from loadtest import (
+    _cpu_seconds,
+    _free_ports,
+    _migrate,
+    _prepare_database,
+    _service_env,
+    _stop,
+    _wait_for_port,
+    _wait_ready,
+)
+from report import LATEST_JSON, LATEST_MARKDOWN, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.fake_upstream import UTILITY_MODEL  # noqa: E402
 
 DIRECT = "direct"
 OURS = ("ours-sqlite", "ours-postgres")
 LITELLM = "litellm"
 PEERS_VENV = ROOT / "bench" / ".venv-peers"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,32 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes have used so far, together."""
+    return sum(_cpu_seconds(pid) for pid in pids)
+
+
+async def wait_quiet(pids: list[int], timeout_s: float = 60) -> bool:
+    """Wait until none of the processes uses CPU (what a preparation or a phase left to do,
+    titles or a backlog, must not land in the next measurement); False if they never did."""
+    deadline = time.monotonic() + timeout_s
+    before = [_cpu_seconds(pid) for pid in pids]
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        after = [_cpu_seconds(pid) for pid in pids]
+        if all(now - then < 0.05 for now, then in zip(after, before, strict=True)):
+            return True
+        before = after
+    return False
+
+
+def rotated(items: list[T], shift: int) -> list[T]:
+    """`items` starting at `shift` (modulo their number): an order that rotates from round to
+    round, so that noise on the shared machine falls on every configuration alike."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
 class Servers:
     """`with Servers(...) as servers:` starts the named servers (the upstream always) and
     waits until each answers; leaving the block stops them."""
@@ -121,13 +155,7 @@ class Servers:
             self._start(DIRECT, ports[DIRECT], self._upstream_command(ports[DIRECT]), ROOT)
             for name in ours:
                 env = self._service_env(name, ports[name], ports[DIRECT])
-                subprocess.run(
-                    [sys.executable, "-m", "chatbot", "migrate"],
-                    env=env,
-                    cwd=ROOT,
-                    check=True,
-                    capture_output=True,
-                )
+                _migrate(env)
                 command = [sys.executable, "-m", "chatbot", "serve"]
                 self._start(name, ports[name], command, ROOT, env)
             if LITELLM in self.names:
@@ -208,28 +236,15 @@ class Servers:
             workers = workers_of(name)
             database = self.pg_database if workers == 1 else f"{self.pg_database}_x{workers}"
             database_url = asyncio.run(_prepare_database(self.database_url, database, self.workdir))
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "CHATBOT_AUTO_MIGRATE": "false",
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-            "OPENAI_API_KEY": "bench",
+        return _service_env(database_url, upstream_port, port, self.jwt_secret, "WARNING") | {
             "CHATBOT_MODEL": self.shapes[0].model,
-            "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
-            "CHATBOT_JWT_SECRET": self.jwt_secret,
-            "CHATBOT_AUTH": "jwt",
-            "CHATBOT_HOST": "127.0.0.1",
-            "CHATBOT_PORT": str(port),
             "CHATBOT_WORKERS": str(workers_of(name)),
-            "CHATBOT_LOG_LEVEL": "WARNING",
             "CHATBOT_RATE_LIMIT": "1000000/minute",
             "CHATBOT_MAX_CONCURRENT_REPLIES": "1000",
             # Plain chat, as the peer relays it: offering the task tools (the default) adds
             # their definitions to every request, which the peer's requests do not carry.
             "CHATBOT_DEFAULT_TOOLSETS": "[]",
         }
-        env.pop("REDIS_URL", None)
-        return env
 
     def _litellm_options(self, port: int, upstream_port: int) -> list[str]:
         """Its config (JSON is YAML): each model name to the upstream's model of that name."""
@@ -330,3 +345,24 @@ def parse_scenario_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     if DIRECT not in args.targets:
         args.targets.insert(0, DIRECT)
     return args
+
+
+def run_scenario(
+    key: str,
+    workdir_prefix: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> tuple[dict[str, Any], Path]:
+    """`run(args, workdir)` in a new work directory (the servers' logs and SQLite files), timed
+    into the result's `wall_s`; writes the result under `key` to `--output` and `--markdown`
+    and prints its Markdown. Returns the result and the work directory, left to the caller to
+    keep or remove."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"chatbot-{workdir_prefix}-"))
+    started = time.monotonic()
+    result = run(args, workdir)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    text = markdown(result)
+    publish(key, result, text, args.output, args.markdown)
+    print(text)
+    return result, workdir

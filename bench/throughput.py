@@ -31,23 +31,24 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-from loadtest import RawStream, _cpu_seconds
+from loadtest import RawStream, _user_token
 from overhead import MachineLoad, _run_loop
-from report import percentiles, publish
+from report import percentiles
 from servers import (
     DIRECT,
     ReplyShape,
     Server,
     Servers,
+    cpu_seconds,
     is_ours,
     parse_scenario_args,
+    rotated,
+    run_scenario,
     scenario_parser,
 )
 
@@ -138,34 +139,21 @@ async def _phase(
 
     async def cpu_of_window() -> dict[str, float]:
         await asyncio.sleep(max(0.0, phase.counted_from - time.monotonic()))
-        before, load = _cpu(server), MachineLoad()
+        before, load = cpu_seconds(server.pids()), MachineLoad()
         await asyncio.sleep(max(0.0, phase.counted_to - time.monotonic()))
-        return {"server_cores": round((_cpu(server) - before) / args.window_seconds, 2)} | (
-            load.report()
-        )
+        used = cpu_seconds(server.pids()) - before
+        return {"server_cores": round(used / args.window_seconds, 2)} | load.report()
 
     cpu = asyncio.create_task(cpu_of_window())
     await asyncio.gather(*(run(client) for client in clients))
     return phase, await cpu
 
 
-def _cpu(server: Server) -> float:
-    return sum(_cpu_seconds(pid) for pid in server.pids())
-
-
 async def _measure(
     args: argparse.Namespace, servers: list[Server], secret: str
 ) -> dict[str, dict[str, Any]]:
-    now = int(time.time())
     clients = [
-        Client(
-            index,
-            jwt.encode(
-                {"sub": f"bench-throughput-{index}", "iat": now, "exp": now + 3 * 3600},
-                secret,
-                algorithm="HS256",
-            ),
-        )
+        Client(index, _user_token(secret, f"bench-throughput-{index}"))
         for index in range(args.clients)
     ]
     rows: dict[str, dict[str, Any]] = {
@@ -173,8 +161,7 @@ async def _measure(
     }
     try:
         for number in range(args.rounds):
-            shift = number % len(servers)
-            for server in servers[shift:] + servers[:shift]:
+            for server in rotated(servers, number):
                 phase, load = await _phase(server, clients, args)
                 turns_per_second = len(phase.latencies_ms) / args.window_seconds
                 row = rows[server.name]
@@ -281,12 +268,7 @@ def main() -> None:
     parser.add_argument("--window-seconds", type=float, default=10)
     args = parse_scenario_args(parser)
 
-    workdir = Path(tempfile.mkdtemp(prefix="chatbot-throughput-"))
-    started = time.monotonic()
-    result = run(args, workdir)
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    publish(SCENARIO, result, _markdown(result), args.output, args.markdown)
-    print(_markdown(result))
+    result, workdir = run_scenario(SCENARIO, "throughput", args, run, _markdown)
     errors = sum(row["errors"] for row in result["configurations"].values())
     if errors:
         print(f"FAILED: {errors} turns failed; logs kept in {workdir}", file=sys.stderr)
