@@ -6,7 +6,7 @@ import logging.config
 from alembic import context
 from sqlalchemy import Connection
 
-from chatbot.chat import models as _chat  # noqa: F401
+from chatbot.chat import idempotency as _idempotency  # noqa: F401
 from chatbot.config import Settings
 from chatbot.conversations import models as _conversations  # noqa: F401
 from chatbot.db import Base, create_engine

@@ -7,7 +7,7 @@ import jwt
 import pytest
 
 from chatbot.config import ConfigError, Settings
-from tests.conftest import JWT_SECRET, Service
+from tests.support import JWT_SECRET, Service
 
 
 def _token(claims: dict[str, Any], secret: str = JWT_SECRET, algorithm: str = "HS256") -> str:

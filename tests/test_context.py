@@ -16,8 +16,8 @@ from chatbot.context.tokens import (
 )
 from chatbot.conversations.models import Conversation
 from chatbot.messages.models import Message, MessageStatus, Role
-from tests.conftest import Service
 from tests.fake_upstream import Reply
+from tests.support import Service, seed_history
 
 COUNTER = TokenCounter()
 MODEL = "gpt-4o-mini"
@@ -39,7 +39,7 @@ async def _turn(service: Service, conversation_id: str, content: str, **extra: A
         json={"content": content, **extra},
         headers=service.auth(),
     )
-    await service.server.app.state.chores.idle()
+    await service.state.chores.idle()
     return response
 
 
@@ -106,10 +106,10 @@ TOOL_HISTORY = [
 
 async def test_tool_calls_travel_with_their_results(start_service: Any) -> None:
     async with start_service() as service:
-        app = service.server.app
+        state = service.state
         conversation = await service.create_conversation()
         conversation_id = uuid.UUID(conversation["id"])
-        async with app.state.sessionmaker() as session:
+        async with state.sessionmaker() as session:
             session.add_all(
                 Message(
                     conversation_id=conversation_id,
@@ -136,9 +136,9 @@ async def test_tool_calls_travel_with_their_results(start_service: Any) -> None:
             builder = ContextBuilder(
                 service.settings.model_copy(update={"context_tokens": budget}),
                 COUNTER,
-                app.state.profiles,
+                state.profiles,
             )
-            async with app.state.sessionmaker() as session:
+            async with state.sessionmaker() as session:
                 row = await session.get(Conversation, conversation_id)
                 assert row is not None
                 try:
@@ -304,11 +304,11 @@ async def test_building_a_context_reads_the_same_whatever_the_history(
     start_service: Any,
 ) -> None:
     async with start_service(history_messages=20) as service:
-        app = service.server.app
+        state = service.state
         short = await service.create_conversation()
         long = await service.create_conversation()
-        await _bulk_history(app, uuid.UUID(short["id"]), 10)
-        await _bulk_history(app, uuid.UUID(long["id"]), 3000)
+        await seed_history(state.sessionmaker, uuid.UUID(short["id"]), 10)
+        await seed_history(state.sessionmaker, uuid.UUID(long["id"]), 3000)
 
         async def rows_read(conversation_id: str) -> tuple[int, int]:
             statements: list[str] = []
@@ -317,7 +317,7 @@ async def test_building_a_context_reads_the_same_whatever_the_history(
             def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
                 statements.append(statement)
 
-            engine = app.state.engine.sync_engine
+            engine = state.engine.sync_engine
             event.listen(engine, "before_cursor_execute", count)
             try:
                 response = await service.client.get(
@@ -335,30 +335,9 @@ async def test_building_a_context_reads_the_same_whatever_the_history(
         assert long_queries == short_queries == 1
 
 
-async def _bulk_history(app: Any, conversation_id: uuid.UUID, count: int) -> None:
-    async with app.state.sessionmaker() as session:
-        session.add_all(
-            Message(
-                conversation_id=conversation_id,
-                seq=seq,
-                role=Role.USER if seq % 2 else Role.ASSISTANT,
-                content=f"message {seq}",
-                token_count=3,
-                status=MessageStatus.COMPLETED,
-            )
-            for seq in range(1, count + 1)
-        )
-        await session.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation_id)
-            .values(message_count=count)
-        )
-        await session.commit()
-
-
 async def test_chores_run_only_when_a_turn_leaves_something_to_do(start_service: Any) -> None:
     async with start_service(context_tokens=400) as service:
-        chores = service.server.app.state.chores
+        chores = service.state.chores
         started: list[uuid.UUID] = []
         run = chores.run
 

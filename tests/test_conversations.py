@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text, update
 
 from chatbot.messages.models import Message
-from tests.conftest import Service
+from tests.support import Service
 
 
 async def test_create_read_update_delete(service: Service) -> None:
@@ -48,7 +48,7 @@ async def test_deleting_a_conversation_deletes_its_messages(service: Service) ->
     url = f"/v1/conversations/{conversation['id']}"
     await service.client.post(f"{url}/messages", json={"content": "hi"}, headers=service.auth())
     await service.client.delete(url, headers=service.auth())
-    engine = service.server.app.state.engine
+    engine = service.state.engine
     async with engine.connect() as connection:
         remaining = await connection.scalar(text("SELECT count(*) FROM messages"))
     assert remaining == 0
@@ -114,7 +114,7 @@ async def test_message_order_never_depends_on_the_clock(service: Service) -> Non
     for index in range(3):
         await service.client.post(url, json={"content": f"q{index}"}, headers=service.auth())
     # Give every message the same timestamp, then timestamps running backwards.
-    engine = service.server.app.state.engine
+    engine = service.state.engine
     async with engine.begin() as connection:
         await connection.execute(
             update(Message).values(created_at=datetime(2030, 1, 1, tzinfo=UTC))

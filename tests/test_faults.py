@@ -21,8 +21,8 @@ from sqlalchemy.pool import NullPool
 
 from chatbot.conversations.models import Conversation
 from chatbot.messages.models import Message, MessageStatus, Role
-from tests.conftest import Event, Service, collect_events, eventually, read_events
 from tests.fake_upstream import Reply
+from tests.support import Event, Service, collect_events, eventually, read_events
 
 FINAL_STATUSES = {
     MessageStatus.COMPLETED,
@@ -201,7 +201,7 @@ async def assert_settled(
 ) -> Stored:
     """Once no reply runs: each message sent is stored once, exactly, and answered by one reply
     row with a final status; the conversation is free; the API shows what the database holds."""
-    await eventually(lambda: not service.server.app.state.registry.running(), seconds)
+    await eventually(lambda: not service.state.replies.registry.running(), seconds)
     stored = await _read_database(service, conversation_id)
 
     assert [row.role for row in stored.rows] == [Role.USER, Role.ASSISTANT] * len(sent)
@@ -405,7 +405,7 @@ async def test_client_disconnecting_mid_stream(
             assert first.data == {"content": "Still"}
         # The connection is closed while the upstream still holds the rest of the reply.
         message_id = start.data["assistant_message"]["id"]
-        registry = service.server.app.state.registry
+        registry = service.state.replies.registry
         if cancel_on_disconnect:
             await eventually(lambda: not registry.running())
         else:

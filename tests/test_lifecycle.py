@@ -11,23 +11,25 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from chatbot.chat.generation import ReplyRunner
-from chatbot.chat.router import get_runner
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, create_sessionmaker, utcnow
+from chatbot.deps import get_replies
 from chatbot.messages.models import Message, MessageStatus, Role
-from chatbot.streams.keeper import ReplyKeeper
-from chatbot.streams.registry import Generation, InProcessRegistry, Outcome, StopReason
-from tests.conftest import Service, collect_events, eventually, read_events
+from chatbot.replies.bus import InProcessBus
+from chatbot.replies.items import Outcome, StopReason
+from chatbot.replies.keeper import ReplyKeeper
+from chatbot.replies.live import ReplyRef
+from chatbot.replies.registry import ReplyRegistry
+from chatbot.replies.service import Replies
 from tests.fake_upstream import Reply
+from tests.support import Service, collect_events, eventually, read_events
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
 
 
 def _sessions(service: Service) -> async_sessionmaker[AsyncSession]:
-    sessionmaker: async_sessionmaker[AsyncSession] = service.server.app.state.sessionmaker
-    return sessionmaker
+    return service.state.sessionmaker
 
 
 async def _stored(service: Service, message_id: str) -> Message:
@@ -332,20 +334,19 @@ class _FirstCommitFails(AsyncSession):
         await super().commit()
 
 
-async def _turn_with_failing_commits(service: Service, failures: int) -> tuple[str, httpx.Response]:
-    app = service.server.app
+async def _turn_with_failing_commits(
+    service: Service, failures: int, retry_seconds: float
+) -> tuple[str, httpx.Response]:
+    """A turn whose replies are stored through sessions whose first commits fail."""
+    app, state = service.server.app, service.state
     failing = cast(
         async_sessionmaker[AsyncSession],
-        async_sessionmaker(app.state.engine, class_=_FirstCommitFails, expire_on_commit=False),
+        async_sessionmaker(state.engine, class_=_FirstCommitFails, expire_on_commit=False),
     )
     _FirstCommitFails.failures = failures
-    app.dependency_overrides[get_runner] = lambda: ReplyRunner(
-        service.settings,
-        failing,
-        app.state.llm,
-        TokenCounter(),
-        store_retry_delays=(0.01, 0.01, 0.01),
-    )
+    settings = service.settings.model_copy(update={"store_retry_seconds": retry_seconds})
+    replies = Replies(settings, failing, state.llm, TokenCounter())
+    app.dependency_overrides[get_replies] = lambda: replies
     conversation = await service.create_conversation()
     try:
         return conversation["id"], await service.client.post(
@@ -358,7 +359,7 @@ async def _turn_with_failing_commits(service: Service, failures: int) -> tuple[s
 
 
 async def test_a_reply_whose_store_fails_once_is_stored_on_the_retry(service: Service) -> None:
-    _, response = await _turn_with_failing_commits(service, failures=1)
+    _, response = await _turn_with_failing_commits(service, failures=1, retry_seconds=5)
     assert response.status_code == 201
     assert response.json()["assistant_message"]["status"] == "completed"
     assert response.json()["assistant_message"]["content"] == "Hello, world!"
@@ -367,8 +368,10 @@ async def test_a_reply_whose_store_fails_once_is_stored_on_the_retry(service: Se
 async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
     service: Service,
 ) -> None:
-    # The first attempt and its three retries fail; the fallback that marks it failed does not.
-    conversation_id, response = await _turn_with_failing_commits(service, failures=4)
+    # The store fails and the retry bound is spent; the fallback that marks it failed works.
+    conversation_id, response = await _turn_with_failing_commits(
+        service, failures=1, retry_seconds=0.01
+    )
     url = f"/v1/conversations/{conversation_id}/messages"
     assert response.status_code == 503
     assert response.json()["code"] == "storage_failed"
@@ -379,7 +382,7 @@ async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
     assert again.status_code == 201
 
 
-async def test_nul_bytes_from_the_model_are_dropped_not_fatal(service: Service) -> None:
+async def test_nul_bytes_from_the_model_are_replaced_not_fatal(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=["a\u0000b", "\u0000", "c"], model="m" * 300))
     response = await service.client.post(
@@ -389,25 +392,26 @@ async def test_nul_bytes_from_the_model_are_dropped_not_fatal(service: Service) 
     )
     assert response.status_code == 201
     reply = response.json()["assistant_message"]
-    assert reply["content"] == "abc"
+    assert reply["content"] == "a\ufffdb\ufffdc"
     assert reply["model"] == "m" * 200
 
 
 async def test_a_stop_during_the_store_lets_the_store_finish() -> None:
-    registry = InProcessRegistry()
-    generation = Generation(uuid.uuid4(), uuid.uuid4(), "alice")
+    registry = ReplyRegistry(InProcessBus())
+    reply = registry.open(ReplyRef(uuid.uuid4(), uuid.uuid4(), "alice"), seq=2)
     stored = asyncio.Event()
 
     async def storing() -> None:
-        generation.finishing = True
+        reply.begin_finishing()
         await asyncio.sleep(0.1)  # the final commit
         stored.set()
-        generation.finish(Outcome(message={"status": "completed"}))
+        reply.finish(Outcome(message={"status": "completed"}))
 
-    registry.start(generation, storing())
+    registry.start(reply, storing())
     await asyncio.sleep(0.01)
-    assert await registry.stop(generation.message_id, StopReason.CANCELLED) is generation
-    assert (await generation.wait()).message == {"status": "completed"}
+    assert await registry.stop(reply.message_id, StopReason.CANCELLED)
+    assert reply.stop_reason is None
+    assert (await reply.wait()).message == {"status": "completed"}
     assert stored.is_set()
 
 
@@ -480,15 +484,19 @@ async def test_the_sweep_and_checkpoints_leave_live_and_finishing_replies_alone(
         )
     ).json()
     message_id = uuid.UUID(body["assistant_message"]["id"])
-    app = service.server.app
+    replies = service.state.replies
     eager = ReplyKeeper(
-        app.state.sessionmaker, app.state.registry, interval_seconds=1, stale_after_seconds=0.001
+        service.state.sessionmaker,
+        replies.registry,
+        replies.bus,
+        interval_seconds=1,
+        stale_after_seconds=0.001,
     )
     await asyncio.sleep(0.05)
     assert await eager.sweep() == []  # running here, whatever its checkpoint says
-    generation = app.state.registry.get(message_id)
+    generation = service.running(message_id)
     assert generation is not None
-    generation.finishing = True  # as during the final store...
+    generation.begin_finishing()  # as during the final store...
     async with _sessions(service)() as session:  # ...which has already committed
         await session.execute(
             update(Message).where(Message.id == message_id).values(status=MessageStatus.COMPLETED)
@@ -496,7 +504,6 @@ async def test_the_sweep_and_checkpoints_leave_live_and_finishing_replies_alone(
         await session.commit()
     await eager.checkpoint()
     assert generation.stop_reason is None
-    generation.finishing = False
     gate.set()
     await generation.wait()
 

@@ -21,7 +21,7 @@ from chatbot.cli import configure_logging
 from chatbot.config import McpServer, Settings
 from chatbot.tools.base import Tool, ToolContext, ToolError, run_tool
 from chatbot.tools.mcp_client import McpToolSource, result_value, start_sources
-from tests.conftest import eventually, free_port, listening
+from tests.support import eventually, free_port, listening
 
 FIXTURE = Path(__file__).resolve().with_name("mcp_fixture_server.py")
 

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as redis_client
 
 from chatbot.cli import RedactTokens
-from tests.conftest import Service, eventually
 from tests.fake_upstream import Reply
+from tests.support import Service, eventually
 
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
 BODIES: dict[tuple[str, str], dict[str, Any]] = {

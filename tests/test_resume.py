@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Event, Service, collect_events, final_reply, read_events
 from tests.fake_upstream import Reply
+from tests.support import Event, Service, collect_events, final_reply, read_events
 
 TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog."]
 

@@ -26,11 +26,11 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from chatbot.app import create_app
 from chatbot.auth.tokens import issue_token
-from chatbot.chat.service import IDEMPOTENCY_KEY_PATTERN
+from chatbot.chat.idempotency import KEY_PATTERN as IDEMPOTENCY_KEY_PATTERN
 from chatbot.config import Settings
 from chatbot.streams.sse import EVENT_ID_PATTERN
-from tests.conftest import LiveServer, settings_for
 from tests.fake_upstream import FakeUpstream
+from tests.support import LiveServer, settings_for
 
 USER = "fuzz-user"
 MAX_REQUEST_LINE = 65_000

@@ -28,8 +28,8 @@ from chatbot.conversations.models import Conversation
 from chatbot.db import Base, create_engine, migrate
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.tasks import models as _tasks  # noqa: F401  (its table is in the migrations)
-from tests.conftest import JWT_SECRET, collect_events, eventually, free_port
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.support import JWT_SECRET, collect_events, eventually, free_port
 
 
 async def _chat_events(service: Any, message: str) -> list[Any]:

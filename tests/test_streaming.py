@@ -3,16 +3,20 @@
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 from sse_starlette import ServerSentEvent
 
-from chatbot.streams.registry import Delta, Generation, Outcome
+from chatbot.replies.bus import InProcessBus
+from chatbot.replies.items import Delta, Outcome
+from chatbot.replies.live import LiveReply, ReplyRef
+from chatbot.replies.registry import ReplyRegistry
 from chatbot.streams.sse import delta_event, reply_events
-from tests.conftest import Service, collect_events, final_reply, read_events
 from tests.fake_upstream import Reply
+from tests.support import Service, collect_events, final_reply, read_events
 
 
 async def test_deltas_arrive_before_the_upstream_has_finished(service: Service) -> None:
@@ -140,7 +144,7 @@ async def test_history_is_bounded(start_service: Any) -> None:
                 headers=service.auth(),
             )
             assert response.status_code == 201
-            await service.server.app.state.chores.idle()
+            await service.state.chores.idle()
         sent = service.upstream.requests[-1].body["messages"]
         # What no longer fits travels as the summary, right after the system prompt.
         assert sent[1]["content"].startswith("Summary of the earlier part")
@@ -260,14 +264,27 @@ def test_a_hand_encoded_delta_is_the_event_sse_starlette_would_send(text: str) -
     assert delta_event("m:", Delta(text, 7)) == expected
 
 
+def _live_reply(message_id: uuid.UUID) -> tuple[LiveReply, Callable[[], AsyncIterator[Any]]]:
+    """A reply on an in-process bus, and a way to follow it from its start."""
+    bus = InProcessBus()
+    reply = ReplyRegistry(bus).open(ReplyRef(message_id, uuid.uuid4(), "alice"), seq=2)
+
+    def follow() -> AsyncIterator[Any]:
+        items = bus.follow(message_id, 0)
+        assert items is not None
+        return items
+
+    return reply, follow
+
+
 async def test_deltas_that_waited_for_a_busy_follower_go_out_in_one_write() -> None:
     # A follower that fell behind catches up with one send, not one per delta; every delta is
     # still its own event, with its own id, in order.
     message_id = uuid.uuid4()
-    generation = Generation(message_id, uuid.uuid4(), "alice")
+    generation, follow = _live_reply(message_id)
     for piece in ("Once", " upon", " a"):
         generation.append(piece)
-    events = reply_events(message_id, generation.follow())
+    events = reply_events(message_id, follow())
     first = await anext(events)
     assert first == b"".join(
         delta_event(f"{message_id}:", delta)
@@ -285,9 +302,9 @@ async def test_a_reply_that_ends_while_a_batch_is_sent_loses_none_of_its_end() -
     # The follower is busy sending "Hello" when the rest arrives and the reply ends: it must
     # still send ", world" before done.
     message_id = uuid.uuid4()
-    generation = Generation(message_id, uuid.uuid4(), "alice")
+    generation, follow = _live_reply(message_id)
     generation.append("Hello")
-    items = generation.follow()
+    items = follow()
     assert await anext(items) == (Delta("Hello", 5),)
     generation.append(", world")
     generation.finish(Outcome(message={"id": str(message_id)}))

@@ -19,10 +19,12 @@ from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.messages.models import Message, MessageStatus
 from chatbot.quotas.models import DailyUsage
-from chatbot.streams.keeper import _save_content
+from chatbot.replies import repository as replies
+from chatbot.replies.live import Snapshot
 from chatbot.tasks import repository as tasks
 from chatbot.tools.base import Tool, ToolContext, Toolset
-from tests.conftest import (
+from tests.fake_upstream import UTILITY_MODEL, Reply
+from tests.support import (
     Event,
     Service,
     collect_events,
@@ -30,7 +32,6 @@ from tests.conftest import (
     final_reply,
     read_events,
 )
-from tests.fake_upstream import UTILITY_MODEL, Reply
 
 FIXTURE_SERVER = Path(__file__).with_name("mcp_fixture_server.py")
 
@@ -60,8 +61,10 @@ def tool_messages(request_body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _following(service: Service, reply_id: str, count: int) -> bool:
     """Whether `count` clients follow the running reply live (not from the database)."""
-    generation = service.server.app.state.registry.get(uuid.UUID(reply_id))
-    return generation is not None and generation.followers == count
+    return (
+        service.running(reply_id) is not None
+        and service.state.replies.followers(uuid.UUID(reply_id)) == count
+    )
 
 
 def model_requests(service: Service) -> list[dict[str, Any]]:
@@ -637,12 +640,13 @@ async def test_a_checkpoint_taken_before_a_round_moved_the_reply_writes_nothing(
         )
         response = await send(service, conversation["id"], "go", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
-        generation = service.server.app.state.registry.get(reply_id)
-        await eventually(lambda: generation.reply_seq == 4)  # moved past the call and result
+        generation = service.running(reply_id)
+        assert generation is not None
+        await eventually(lambda: generation.seq == 4)  # moved past the call and result
         # A snapshot of round one's text, taken at the old position, arrives late.
         async with sessionmaker() as session:
-            stale = {"message_id": reply_id, "new_content": "Round one", "at_seq": 2}
-            await session.execute(_save_content, [stale | {"now": utcnow()}])
+            stale = Snapshot(reply_id, "Round one", length=9, seq=2)
+            await replies.save_contents(session, [stale], utcnow())
             await session.commit()
         # Round one's text stays with the call; the reply, read by followers elsewhere, is empty.
         running = (await service.messages(conversation["id"]))[-1]
@@ -670,17 +674,18 @@ async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
         )
         response = await send(service, conversation["id"], "add never", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
-        generation = service.server.app.state.registry.get(reply_id)
+        generation = service.running(reply_id)
+        assert generation is not None
         await eventually(lambda: generation.length > 0)
         # Another instance took the cancel: the row and the conversation say so.
         async with sessionmaker() as session:
             await session.execute(
                 update(Message).where(Message.id == reply_id).values(status=MessageStatus.CANCELLED)
             )
-            await conversations.release_reply(session, generation.conversation_id, reply_id)
+            await conversations.release_reply(session, generation.ref.conversation_id, reply_id)
             await session.commit()
         gate.set()  # the model's call ends, asking for a tool
-        await eventually(lambda: service.server.app.state.registry.get(reply_id) is None)
+        await eventually(lambda: service.running(reply_id) is None)
         stored = await service.messages(conversation["id"])
         assert [(m["role"], m["status"]) for m in stored] == [
             ("user", "completed"),

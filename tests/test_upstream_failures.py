@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service, collect_events
 from tests.fake_upstream import Reply
+from tests.support import Service, collect_events
 
 
 async def _send_json(service: Service, conversation_id: str) -> Any:

@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from chatbot import __version__, health
 from chatbot.auth.stream_tokens import StreamTokenSigner
-from chatbot.chat.generation import ReplyRunner
+from chatbot.chat.idempotency import purge_forever
 from chatbot.chat.router import router as chat_router
 from chatbot.config import ConfigError, Settings
 from chatbot.context.builder import ContextBuilder
@@ -29,13 +29,13 @@ from chatbot.llm.openai_client import OpenAIChatClient
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from chatbot.quotas.service import RequestRateLimiter
-from chatbot.streams.follow import ReplyFollower
-from chatbot.streams.keeper import ReplyKeeper
-from chatbot.streams.registry import InProcessRegistry
+from chatbot.replies.service import Replies
+from chatbot.state import AppState, attach
 from chatbot.streams.router import router as streams_router
+from chatbot.tasks.tools import TASKS
 from chatbot.tools.base import Toolset
 from chatbot.tools.mcp_client import start_sources
-from chatbot.tools.registry import BUILT_IN, ToolRegistry
+from chatbot.tools.registry import ToolRegistry
 from chatbot.validation import SETTING_MARK
 from chatbot.web.router import router as web_router
 
@@ -95,7 +95,7 @@ def create_app(
         raise ConfigError(
             f"CHATBOT_PROMPT_PROFILE: {exc.detail} in {settings.prompts_dir}"
         ) from None
-    tools = ToolRegistry(settings, (*BUILT_IN, *toolsets))
+    tools = ToolRegistry(settings, (TASKS, *toolsets))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +108,6 @@ def create_app(
         if settings.should_auto_migrate:
             await migrate(engine)
         sessionmaker = create_sessionmaker(engine)
-        registry = InProcessRegistry()
         rate_limiter = RequestRateLimiter(settings)
         model = llm or build_llm(settings)
         counter = TokenCounter()
@@ -121,42 +120,38 @@ def create_app(
             builder,
             utility=None if settings.uses_demo_model and llm is None else model,
         )
-        keeper = ReplyKeeper(
-            sessionmaker,
-            registry,
-            interval_seconds=settings.checkpoint_seconds,
-            stale_after_seconds=settings.stale_reply_seconds,
-        )
-        await keeper.sweep()
+        replies = Replies(settings, sessionmaker, model, counter, after_reply=chores.after_reply)
+        await replies.open()
         # Start-up waits for the MCP servers at most their connect timeout, all at once; one
         # that is slow or down is retried in the background.
         mcp_sources = await start_sources(settings.mcp_servers)
         tools.attach(mcp_sources)
-        app.state.tools = tools
-        app.state.settings = settings
-        app.state.engine = engine
-        app.state.sessionmaker = sessionmaker
-        app.state.llm = model
-        app.state.registry = registry
-        app.state.profiles = profiles
-        app.state.context_builder = builder
-        app.state.chores = chores
-        app.state.runner = ReplyRunner(
-            settings, sessionmaker, model, counter, after_reply=chores.after_reply
+        attach(
+            app,
+            AppState(
+                settings=settings,
+                engine=engine,
+                sessionmaker=sessionmaker,
+                llm=model,
+                profiles=profiles,
+                context=builder,
+                chores=chores,
+                tools=tools,
+                replies=replies,
+                stream_signer=StreamTokenSigner.from_settings(settings),
+                rate_limiter=rate_limiter,
+            ),
         )
-        app.state.follower = ReplyFollower(sessionmaker, registry, settings.checkpoint_seconds)
-        app.state.stream_signer = StreamTokenSigner.from_settings(settings)
-        app.state.rate_limiter = rate_limiter
-        keeper_task = asyncio.create_task(keeper.run(), name="reply-keeper")
+        purging = asyncio.create_task(purge_forever(sessionmaker), name="idempotency-purge")
         logger.info("authentication: %s", settings.auth_mode)
         try:
             yield
         finally:
-            await registry.shutdown(settings.shutdown_grace_seconds)
+            await replies.aclose()
             await chores.shutdown()
             await asyncio.gather(*(source.aclose() for source in mcp_sources))
-            keeper_task.cancel()
-            await asyncio.gather(keeper_task, return_exceptions=True)
+            purging.cancel()
+            await asyncio.gather(purging, return_exceptions=True)
             await model.aclose()
             await rate_limiter.aclose()
             await engine.dispose()

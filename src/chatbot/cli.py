@@ -97,7 +97,7 @@ def _migrate(settings: Settings) -> None:
 
 
 def _mcp(settings: Settings, *, http: bool) -> None:
-    from chatbot.tools.mcp_server import serve_http, serve_stdio
+    from chatbot.tasks.mcp_server import serve_http, serve_stdio
 
     asyncio.run(serve_http(settings) if http else serve_stdio(settings))
 

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     checkpoint_seconds: float = Field(default=2.0, gt=0)
     stale_reply_seconds: float = Field(default=30.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    store_retry_seconds: float = Field(default=300.0, ge=0)
+    """How long a finished reply is kept in memory and its store retried while the database
+    cannot be reached; its conversation is freed when the store lands."""
 
     auth: Literal["jwt", "none"] | None = None
     jwt_secret: SecretStr | None = None

@@ -10,6 +10,8 @@ from alembic.config import Config
 from sqlalchemy import JSON, Connection, DateTime, MetaData, TypeDecorator, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -36,6 +38,14 @@ def utcnow() -> datetime:
 def changed_rows(result: object) -> int:
     """Rows an UPDATE or DELETE changed (the typed Result does not name `rowcount`)."""
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether a failure says the database could not be reached (refused, dropped, timed out,
+    busy) rather than that a statement or its values were wrong: the one is worth a retry."""
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+    return isinstance(exc, OSError | TimeoutError | PoolTimeout)
 
 
 def new_id() -> uuid.UUID:
@@ -76,6 +86,9 @@ def create_engine(
     """An engine whose pool is sized by settings; waiting longer than `pool_timeout` for a
     connection raises, and is answered 503 rather than left to pile up."""
     options: dict[str, Any] = {
+        # A failed statement's message would carry its parameters (message text, prompts):
+        # they must not reach a log.
+        "hide_parameters": True,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         "pool_timeout": pool_timeout,

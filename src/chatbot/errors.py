@@ -8,9 +8,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatbot.db import is_unreachable
+from chatbot.sanitize import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +61,28 @@ API_ERRORS = problem_responses(
 
 
 class AppError(Exception):
+    """The base of every error the service answers with a problem document. Each subclass names
+    one kind of failure: its status and its stable `code` are class attributes, never spelled
+    at a call site; `detail` may say more about this occurrence."""
+
     status: int = 500
     code: str = "internal_error"
     detail: str = "Internal server error"
 
     def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        code: str | None = None,
-        status: int | None = None,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
+        self, detail: str | None = None, *, headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
         self.detail = detail or self.detail
-        self.code = code or self.code
-        self.status = status or self.status
         self.headers = headers
         self.extra = extra
         super().__init__(self.detail)
 
     def to_problem(self) -> dict[str, Any]:
         return problem(self.status, self.detail, self.code, **self.extra)
+
+    def stored(self) -> dict[str, Any]:
+        """What a reply row keeps in `error` of the failure that ended it."""
+        return {"code": self.code, "detail": clean_text(self.detail), "status": self.status}
 
 
 class BadRequest(AppError):
@@ -106,8 +109,22 @@ class Conflict(AppError):
     detail = "Conflict"
 
 
+class Unprocessable(AppError):
+    """A request well formed but not valid, as schema validation answers it."""
+
+    status = 422
+    code = "validation_error"
+    detail = "The request is not valid"
+
+
+class TooManyRequests(AppError):
+    status = 429
+    code = "rate_limited"
+    detail = "Too many requests"
+
+
 class UpstreamError(AppError):
-    """The model provider failed; status follows the kind of failure (429, 502, 503, 504)."""
+    """The model provider failed; subclasses say how (429, 502, 503, 504)."""
 
     status = 502
     code = "upstream_error"
@@ -120,12 +137,49 @@ class ServiceUnavailable(AppError):
     detail = "Service temporarily unavailable"
 
 
-def conversation_not_found() -> NotFound:
-    return NotFound("Conversation not found", code="conversation_not_found")
+class ConversationNotFound(NotFound):
+    code = "conversation_not_found"
+    detail = "Conversation not found"
 
 
-def message_not_found() -> NotFound:
-    return NotFound("Message not found", code="message_not_found")
+class MessageNotFound(NotFound):
+    code = "message_not_found"
+    detail = "Message not found"
+
+
+class InvalidCursor(BadRequest):
+    code = "invalid_cursor"
+    detail = "The cursor is not valid"
+
+
+class RepeatedParameter(BadRequest):
+    code = "repeated_parameter"
+
+
+class InvalidJson(BadRequest):
+    code = "invalid_json"
+    detail = "The request body is not valid JSON"
+
+
+class InvalidBody(BadRequest):
+    code = "invalid_body"
+    detail = "The request body must be a JSON object"
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "payload_too_large"
+    detail = "The request body is too large"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+    detail = "The database is not reachable; try again shortly"
+
+
+class DatabaseBusy(ServiceUnavailable):
+    code = "database_busy"
+    detail = "The service is busy; try again shortly"
 
 
 def problem(status: int, detail: str, code: str, **extra: Any) -> dict[str, Any]:
@@ -139,22 +193,18 @@ def problem(status: int, detail: str, code: str, **extra: Any) -> dict[str, Any]
     }
 
 
-def problem_response(
-    status: int, detail: str, code: str, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
+def error_response(error: AppError) -> JSONResponse:
     return JSONResponse(
-        problem(status, detail, code, **extra),
-        status_code=status,
-        media_type=PROBLEM_JSON,
-        headers=headers,
+        error.to_problem(), status_code=error.status, media_type=PROBLEM_JSON, headers=error.headers
     )
+
+
+_RETRY_SOON = {"Retry-After": "1"}
 
 
 async def _app_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return JSONResponse(
-        exc.to_problem(), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers
-    )
+    return error_response(exc)
 
 
 def _location(loc: tuple[Any, ...] | list[Any]) -> list[str | int]:
@@ -165,44 +215,45 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
-        return problem_response(400, "The request body is not valid JSON", "invalid_json")
+        return error_response(InvalidJson())
     if any(error.get("type") == "model_attributes_type" for error in errors):
-        return problem_response(400, "The request body must be a JSON object", "invalid_body")
+        return error_response(InvalidBody())
     # Echoing `input` back could reflect secrets or huge payloads, so only loc and msg go out.
     details = [{"loc": _location(error["loc"]), "msg": error["msg"]} for error in errors]
-    return problem_response(422, "The request is not valid", "validation_error", errors=details)
+    return error_response(Unprocessable(errors=details))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (an unknown route, a wrong method): their status is the data."""
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
-    return problem_response(
-        status, detail, codes.get(status, f"http_{status}"), headers=dict(exc.headers or {})
+    return JSONResponse(
+        problem(status, detail, _HTTP_CODES.get(status, f"http_{status}")),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=dict(exc.headers or {}),
     )
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
-    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+    if is_unreachable(exc):
         logger.warning(
             "database unavailable on %s %s: %s",
             request.method,
             request.url.path,
             type(exc.orig).__name__,
         )
-        return problem_response(
-            503,
-            "The database is not reachable; try again shortly",
-            "database_unavailable",
-            headers={"Retry-After": "1"},
-        )
+        return error_response(DatabaseUnavailable(headers=_RETRY_SOON))
     raise exc
 
 
 async def _too_deep(_: Request, exc: Exception) -> JSONResponse:
-    return problem_response(400, "The request body is nested too deeply", "invalid_body")
+    return error_response(InvalidBody("The request body is nested too deeply"))
 
 
 async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
@@ -210,22 +261,12 @@ async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
     logger.warning(
         "connection failed on %s %s: %s", request.method, request.url.path, type(exc).__name__
     )
-    return problem_response(
-        503,
-        "The database is not reachable; try again shortly",
-        "database_unavailable",
-        headers={"Retry-After": "1"},
-    )
+    return error_response(DatabaseUnavailable(headers=_RETRY_SOON))
 
 
 async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("no database connection free for %s %s", request.method, request.url.path)
-    return problem_response(
-        503,
-        "The service is busy; try again shortly",
-        "database_busy",
-        headers={"Retry-After": "1"},
-    )
+    return error_response(DatabaseBusy(headers=_RETRY_SOON))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from chatbot.deps import SessionmakerDep
-from chatbot.errors import ServiceUnavailable
+from chatbot.errors import DatabaseUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,5 @@ async def readyz(sessionmaker: SessionmakerDep) -> dict[str, str]:
         async with sessionmaker() as session:
             await session.execute(text("SELECT 1"))
     except Exception:
-        raise ServiceUnavailable(
-            "The database is not reachable", code="database_unavailable"
-        ) from None
+        raise DatabaseUnavailable() from None
     return {"status": "ready"}

@@ -8,7 +8,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatbot.errors import PROBLEM_JSON, problem
+from chatbot.errors import PROBLEM_JSON, AppError, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RequestIdMiddleware:
             logger.exception("unhandled error, request %s", request_id)
             if response_started:
                 raise
-            body = json.dumps(problem(500, "Internal server error", "internal_error")).encode()
+            body = json.dumps(AppError().to_problem()).encode()
             await send_with_id(
                 {
                     "type": "http.response.start",
@@ -119,9 +119,8 @@ class BodySizeLimitMiddleware:
             drained += len(message.get("body", b""))
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            problem(413, f"The request body is over {self.max_bytes} bytes", "payload_too_large")
-        ).encode()
+        refused = PayloadTooLarge(f"The request body is over {self.max_bytes} bytes")
+        body = json.dumps(refused.to_problem()).encode()
         await send(
             {
                 "type": "http.response.start",

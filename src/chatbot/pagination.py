@@ -8,7 +8,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from fastapi import Query
 from pydantic import BaseModel
 
-from chatbot.errors import BadRequest
+from chatbot.errors import InvalidCursor
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ def decode_cursor(cursor: str) -> dict[str, Any]:
         padded = cursor + "=" * (-len(cursor) % 4)
         position = json.loads(base64.urlsafe_b64decode(padded.encode()))
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequest("The cursor is not valid", code="invalid_cursor") from None
+        raise InvalidCursor() from None
     if not isinstance(position, dict):
-        raise BadRequest("The cursor is not valid", code="invalid_cursor")
+        raise InvalidCursor()
     return position

@@ -2,27 +2,21 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
+from chatbot.auth.errors import InvalidUserId
 from chatbot.auth.tokens import MAX_USER_ID_LENGTH, TOKEN_PATTERN, verify_token
 from chatbot.config import is_loopback_host
-from chatbot.deps import SettingsDep
-from chatbot.errors import BadRequest, Unauthorized
-from chatbot.quotas.service import RequestRateLimiter
+from chatbot.deps import RateLimiterDep, SettingsDep
+from chatbot.errors import Unauthorized
 
 LOCAL_USER = "local"
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def admit(request: Request, user_id: str) -> None:
-    """Count the request against the caller's rate limit (429 past it)."""
-    limiter: RequestRateLimiter = request.app.state.rate_limiter
-    await limiter.admit(user_id)
-
-
-async def current_user(request: Request, settings: SettingsDep) -> str:
+async def current_user(request: Request, settings: SettingsDep, limiter: RateLimiterDep) -> str:
     """The caller, from a Bearer JWT (or, locally, X-User-Id), once admitted by the rate limit."""
     user_id = identify(request, settings)
-    await admit(request, user_id)
+    await limiter.admit(user_id)
     return user_id
 
 
@@ -35,7 +29,7 @@ def identify(request: Request, settings: SettingsDep) -> str:
             raise Unauthorized("Authentication is required on this address", headers=_CHALLENGE)
         user_id = request.headers.get("x-user-id", LOCAL_USER).strip()
         if not user_id or len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
-            raise BadRequest("X-User-Id is not a valid user id", code="invalid_user_id")
+            raise InvalidUserId()
         return user_id
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -61,14 +55,17 @@ AccessTokenQuery = Annotated[
 
 
 async def streaming_user(
-    request: Request, settings: SettingsDep, access_token: AccessTokenQuery = None
+    request: Request,
+    settings: SettingsDep,
+    limiter: RateLimiterDep,
+    access_token: AccessTokenQuery = None,
 ) -> str:
     """`current_user`, also accepting `?access_token=` on the GET routes EventSource opens."""
     if access_token and settings.auth_mode == "jwt" and "authorization" not in request.headers:
         user_id = verify_token(settings, access_token)
-        await admit(request, user_id)
+        await limiter.admit(user_id)
         return user_id
-    return await current_user(request, settings)
+    return await current_user(request, settings, limiter)
 
 
 StreamingUser = Annotated[str, Depends(streaming_user)]

@@ -12,8 +12,8 @@ import uuid
 
 import jwt
 
+from chatbot.auth.errors import InvalidToken, TokenExpired
 from chatbot.config import Settings
-from chatbot.errors import Unauthorized
 
 _PURPOSE = b"chatbot stream token v1"
 
@@ -48,9 +48,9 @@ class StreamTokenSigner:
                 token, self._key, algorithms=["HS256"], options={"require": ["sub", "mid", "exp"]}
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("The stream token has expired", code="token_expired") from None
+            raise TokenExpired("The stream token has expired") from None
         except jwt.PyJWTError:
-            raise Unauthorized("The stream token is not valid", code="invalid_token") from None
+            raise InvalidToken("The stream token is not valid") from None
         if claims["mid"] != str(message_id) or not isinstance(claims["sub"], str):
-            raise Unauthorized("The stream token is for another message", code="invalid_token")
+            raise InvalidToken("The stream token is for another message")
         return claims["sub"]

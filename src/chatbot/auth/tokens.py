@@ -5,6 +5,7 @@ from typing import Any
 
 import jwt
 
+from chatbot.auth.errors import InvalidToken, TokenExpired
 from chatbot.config import Settings
 from chatbot.errors import Unauthorized
 
@@ -41,10 +42,10 @@ def verify_token(settings: Settings, token: str) -> str:
             options={"require": ["sub", "exp"]},
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("The token has expired", code="token_expired") from None
+        raise TokenExpired() from None
     except jwt.PyJWTError:
-        raise Unauthorized("The token is not valid", code="invalid_token") from None
+        raise InvalidToken() from None
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > MAX_USER_ID_LENGTH:
-        raise Unauthorized("The token has no usable subject", code="invalid_token")
+        raise InvalidToken("The token has no usable subject")
     return subject

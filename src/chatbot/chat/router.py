@@ -1,27 +1,22 @@
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from chatbot.auth.deps import CurrentUser, StreamingUser
-from chatbot.chat.generation import ReplyRunner
-from chatbot.chat.replies import Replies, get_replies
+from chatbot.chat import idempotency
+from chatbot.chat.errors import EventIdOfAnotherConversation
+from chatbot.chat.responses import TurnResponses, get_responses
 from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
-from chatbot.chat.service import (
-    IDEMPOTENCY_KEY_PATTERN,
-    ChatService,
-    validated_idempotency_key,
-)
+from chatbot.chat.service import ChatService
 from chatbot.deps import (
     ContextBuilderDep,
     LLMDep,
-    RegistryDep,
+    RepliesDep,
     SessionDep,
     SettingsDep,
     ToolsDep,
-    app_state,
 )
-from chatbot.errors import BadRequest, conversation_not_found, problem_responses
+from chatbot.errors import ConversationNotFound, problem_responses
 from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message
 from chatbot.messages.models import Role
@@ -31,29 +26,25 @@ from chatbot.validation import ModelName, NonBlankText
 router = APIRouter(tags=["chat"])
 
 
-get_runner: Callable[[Request], Awaitable[ReplyRunner]] = app_state("runner")
-
-
 async def get_chat_service(
     settings: SettingsDep,
     session: SessionDep,
-    runner: Annotated[ReplyRunner, Depends(get_runner)],
+    replies: RepliesDep,
     llm: LLMDep,
-    registry: RegistryDep,
     context: ContextBuilderDep,
     tools: ToolsDep,
 ) -> ChatService:
-    return ChatService(settings, session, runner, llm, registry, context, tools)
+    return ChatService(settings, session, replies, llm, context, tools)
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
-RepliesDep = Annotated[Replies, Depends(get_replies)]
+ResponsesDep = Annotated[TurnResponses, Depends(get_responses)]
 StreamFlag = Annotated[
     bool, Query(description="Answer as Server-Sent Events (same as Accept: text/event-stream)")
 ]
 _IDEMPOTENCY_KEY_DOC = {
     "description": "Makes a retried request safe for 24 h",
-    "json_schema_extra": {"pattern": IDEMPOTENCY_KEY_PATTERN, "maxLength": 255},
+    "json_schema_extra": {"pattern": idempotency.KEY_PATTERN, "maxLength": 255},
 }
 IdempotencyKeyHeader = Annotated[
     str | None, Header(alias="Idempotency-Key", **_IDEMPOTENCY_KEY_DOC)
@@ -93,12 +84,14 @@ async def send_message(
     request: Request,
     user_id: CurrentUser,
     chat: ChatServiceDep,
-    replies: RepliesDep,
+    responses: ResponsesDep,
     stream: StreamFlag = False,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     turn = await chat.send(user_id, conversation_id, body, idempotency_key)
-    return await replies.respond(request, user_id, turn, stream=stream, background=body.background)
+    return await responses.respond(
+        request, user_id, turn, stream=stream, background=body.background
+    )
 
 
 @router.post(
@@ -112,12 +105,14 @@ async def chat(
     request: Request,
     user_id: CurrentUser,
     chat: ChatServiceDep,
-    replies: RepliesDep,
+    responses: ResponsesDep,
     stream: StreamFlag = False,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     turn = await chat.chat(user_id, body, idempotency_key)
-    return await replies.respond(request, user_id, turn, stream=stream, background=body.background)
+    return await responses.respond(
+        request, user_id, turn, stream=stream, background=body.background
+    )
 
 
 @router.get(
@@ -129,7 +124,7 @@ async def send_and_stream(
     user_id: StreamingUser,
     chat: ChatServiceDep,
     session: SessionDep,
-    replies: RepliesDep,
+    responses: ResponsesDep,
     content: Annotated[NonBlankText, Query(max_length=MAX_QUERY_CONTENT)],
     model: Annotated[ModelName | None, Query()] = None,
     idempotency_key: IdempotencyKeyQuery = None,
@@ -140,18 +135,16 @@ async def send_and_stream(
     When the browser reconnects by itself it sends `Last-Event-ID`: the same reply is resumed
     from there, and the message is never sent again.
     """
-    validated_idempotency_key(idempotency_key)
+    idempotency.validated_key(idempotency_key)
     if last_event_id:
         message_id, offset = parse_event_id(last_event_id)
         message = await get_owned_message(session, user_id, str(message_id))
         same_conversation = message.conversation_id == parse_id(
-            conversation_id, conversation_not_found()
+            conversation_id, ConversationNotFound
         )
         if not same_conversation or message.role is not Role.ASSISTANT:
-            raise BadRequest(
-                "Last-Event-ID belongs to another conversation", code="invalid_event_id"
-            )
-        return replies.follow(message.id, offset)
+            raise EventIdOfAnotherConversation()
+        return responses.follow(message.id, offset)
     body = SendMessage(content=content, model=model)
     turn = await chat.send(user_id, conversation_id, body, idempotency_key)
-    return replies.stream(turn)
+    return responses.stream(turn)

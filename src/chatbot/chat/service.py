@@ -1,18 +1,15 @@
-"""A chat turn: store the user message and start the reply, or find the turn a retry repeats."""
+"""Starting a turn: claim the conversation, store the user message with the reply's row, and
+start the reply; or find the turn a retry with the same Idempotency-Key repeats."""
 
-import hashlib
-import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot.chat.generation import ReplyRunner
-from chatbot.chat.models import IdempotencyKey
+from chatbot.chat import idempotency
+from chatbot.chat.errors import ContentTooLong
 from chatbot.chat.schemas import ChatRequest, SendMessage, TurnOptions
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
@@ -23,20 +20,18 @@ from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate
 from chatbot.conversations.service import new_conversation
 from chatbot.db import utcnow
-from chatbot.errors import AppError, BadRequest, Conflict, conversation_not_found
+from chatbot.errors import ConversationNotFound, Unprocessable
 from chatbot.ids import parse_id
 from chatbot.llm.client import CompletionRequest, LLMClient
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
 from chatbot.quotas import service as quotas
-from chatbot.streams.keeper import IDEMPOTENCY_WINDOW
-from chatbot.streams.registry import Generation, ReplyRegistry
+from chatbot.replies.errors import ReplyInProgress
+from chatbot.replies.live import ReplyRef
+from chatbot.replies.runner import ReplyJob
+from chatbot.replies.service import Replies
 from chatbot.tools.registry import ToolRegistry
-
-IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]{0,253}[!-~])?$"
-"""1 to 255 visible ASCII characters, inner spaces allowed (a structured-field string)."""
-_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,47 +43,22 @@ class Turn:
     """True when an Idempotency-Key matched an earlier request: nothing new was sent."""
 
 
-class ContentTooLong(AppError):
-    status = 422
-    code = "content_too_long"
-
-
-def validated_idempotency_key(key: str | None) -> str | None:
-    if key is None:
-        return None
-    if _IDEMPOTENCY_KEY.fullmatch(key) is None:
-        raise BadRequest(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-            code="invalid_idempotency_key",
-        )
-    return key
-
-
-def _request_hash(target: str, body: TurnOptions) -> str:
-    canonical = json.dumps(
-        [target, body.model_dump(mode="json", exclude={"background"})], sort_keys=True
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 class ChatService:
     def __init__(
         self,
         settings: Settings,
         session: AsyncSession,
-        runner: ReplyRunner,
+        replies: Replies,
         llm: LLMClient,
-        registry: ReplyRegistry,
         context: ContextBuilder,
         tools: ToolRegistry,
     ) -> None:
-        self._context = context
-        self._tools = tools
         self._settings = settings
         self._session = session
-        self._runner = runner
+        self._replies = replies
         self._llm = llm
-        self._registry = registry
+        self._context = context
+        self._tools = tools
 
     async def send(
         self,
@@ -99,19 +69,19 @@ class ChatService:
     ) -> Turn:
         started = time.monotonic()
         self._check_limits(body.content, body, field="content")
-        target_id = parse_id(conversation_id, conversation_not_found())
-        key = validated_idempotency_key(idempotency_key)
-        request_hash = _request_hash(str(target_id), body)
-        if key and (turn := await self._replay(user_id, key, request_hash)):
+        target_id = parse_id(conversation_id, ConversationNotFound)
+        key = idempotency.validated_key(idempotency_key)
+        hashed = idempotency.request_hash(str(target_id), body)
+        if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
         try:
             assistant_id = uuid.uuid4()
             conversation = await self._reserve(user_id, target_id, assistant_id)
             return await self._begin(
-                conversation, body.content, body, assistant_id, started, key, request_hash
+                conversation, body.content, body, assistant_id, started, key, hashed
             )
-        except (Conflict, IntegrityError):
-            if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
+        except (ReplyInProgress, IntegrityError):
+            if key and (turn := await self._replay_after_race(user_id, key, hashed)):
                 return turn
             raise
 
@@ -133,9 +103,9 @@ class ChatService:
             )
         started = time.monotonic()
         self._check_limits(body.message, body, field="message")
-        key = validated_idempotency_key(idempotency_key)
-        request_hash = _request_hash("new", body)
-        if key and (turn := await self._replay(user_id, key, request_hash)):
+        key = idempotency.validated_key(idempotency_key)
+        hashed = idempotency.request_hash("new", body)
+        if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
         # The same cap the claim of an existing conversation applies.
         running = await conversations.running_replies(self._session, user_id)
@@ -161,10 +131,10 @@ class ChatService:
         try:
             await self._session.flush()
             return await self._begin(
-                conversation, body.message, body, assistant_id, started, key, request_hash
+                conversation, body.message, body, assistant_id, started, key, hashed
             )
         except IntegrityError:
-            if key and (turn := await self._replay_after_race(user_id, key, request_hash)):
+            if key and (turn := await self._replay_after_race(user_id, key, hashed)):
                 return turn
             raise
 
@@ -176,30 +146,16 @@ class ChatService:
             )
         limit = self._settings.max_output_tokens
         if options.max_output_tokens is not None and options.max_output_tokens > limit:
-            raise AppError(
+            raise Unprocessable(
                 f"max_output_tokens must be at most {limit}",
-                code="validation_error",
-                status=422,
                 errors=[{"loc": ["body", "max_output_tokens"], "msg": f"at most {limit}"}],
             )
 
-    async def _replay(self, user_id: str, key: str, request_hash: str) -> Turn | None:
+    async def _replay(self, user_id: str, key: str, hashed: str) -> Turn | None:
         """The turn an earlier request with this key started, if it is within the window."""
-        record = await self._session.scalar(
-            select(IdempotencyKey).where(
-                IdempotencyKey.user_id == user_id,
-                IdempotencyKey.key == key,
-                IdempotencyKey.created_at >= utcnow() - IDEMPOTENCY_WINDOW,
-            )
-        )
+        record = await idempotency.find(self._session, user_id, key, hashed)
         if record is None:
             return None
-        if record.request_hash != request_hash:
-            raise AppError(
-                "This Idempotency-Key was used for a different request",
-                code="idempotency_key_reused",
-                status=422,
-            )
         user_message = await messages.get(self._session, record.user_message_id)
         assistant_message = await messages.get(self._session, record.assistant_message_id)
         if user_message is None or assistant_message is None:
@@ -211,10 +167,10 @@ class ChatService:
             replayed=True,
         )
 
-    async def _replay_after_race(self, user_id: str, key: str, request_hash: str) -> Turn | None:
+    async def _replay_after_race(self, user_id: str, key: str, hashed: str) -> Turn | None:
         # A concurrent request with the same key won; what it committed is our answer.
         await self._session.rollback()
-        return await self._replay(user_id, key, request_hash)
+        return await self._replay(user_id, key, hashed)
 
     async def _reserve(
         self, user_id: str, conversation_id: uuid.UUID, assistant_id: uuid.UUID
@@ -232,11 +188,9 @@ class ChatService:
             return claimed
         busy = await conversations.busy(self._session, user_id, conversation_id)
         if busy is None:
-            raise conversation_not_found()
+            raise ConversationNotFound()
         if busy:
-            raise Conflict(
-                "A reply is still being generated in this conversation", code="reply_in_progress"
-            )
+            raise ReplyInProgress()
         raise quotas.too_many_replies(self._settings)
 
     async def _begin(
@@ -247,11 +201,11 @@ class ChatService:
         assistant_id: uuid.UUID,
         started: float,
         key: str | None,
-        request_hash: str,
+        hashed: str,
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
-        tools = self._tools.offered(conversation)
+        tools = self._tools.offered(conversation.toolsets, conversation.user_id)
         tool_specs = [tool.to_openai() for tool in tools.values()]
         # Raises 413 before anything is stored or sent when the message cannot fit.
         context = await self._context.plan(
@@ -278,34 +232,29 @@ class ChatService:
             created_at=now,
             completed_at=now,
         )
-        assistant_message = Message(
-            id=assistant_id,
-            conversation_id=conversation.id,
+        messages.add(self._session, user_message)
+        ref = ReplyRef(assistant_id, conversation.id, conversation.user_id)
+        assistant_message = self._replies.add_row(
+            self._session,
+            ref,
             seq=user_seq + 1,
-            role=Role.ASSISTANT,
-            content="",
-            status=MessageStatus.IN_PROGRESS,
             model=self._llm.model_label(model),
             prompt_token_count=context.total_tokens,
             prompt_hash=context.prompt_hash,
-            created_at=now,
-            checkpoint_at=now,
         )
-        messages.add(self._session, user_message, assistant_message)
         if key is not None:
-            await self._record_key(conversation, key, request_hash, user_message, assistant_id)
-        request = CompletionRequest(
-            model=model,
-            messages=context.messages,
-            temperature=options.temperature,
-            max_output_tokens=options.max_output_tokens,
-            tools=tool_specs or None,
-        )
+            await idempotency.record(
+                self._session,
+                user_id=conversation.user_id,
+                key=key,
+                hashed=hashed,
+                conversation_id=conversation.id,
+                user_message_id=user_message.id,
+                assistant_message_id=assistant_id,
+            )
         # The user message is durable before the model is called.
         await self._session.commit()
 
-        generation = Generation(assistant_id, conversation.id, conversation.user_id)
-        generation.reply_seq = assistant_message.seq
         follow_up = FollowUp(
             conversation_id=conversation.id,
             untitled=conversation.title is None,
@@ -314,48 +263,27 @@ class ChatService:
             context_tokens=context.total_tokens,
             budget=context.budget,
         )
-        self._registry.start(
-            generation,
-            self._runner.run(
-                generation,
-                request,
-                started,
-                follow_up,
-                tools,
+        request = CompletionRequest(
+            model=model,
+            messages=context.messages,
+            temperature=options.temperature,
+            max_output_tokens=options.max_output_tokens,
+            tools=tool_specs or None,
+        )
+        self._replies.start(
+            ref,
+            assistant_message.seq,
+            ReplyJob(
+                request=request,
+                started=started,
                 prompt_tokens=context.total_tokens,
                 budget=context.budget,
+                tools=tools,
+                follow_up=follow_up,
             ),
         )
         return Turn(
             conversation_id=conversation.id,
             user_message=MessageOut.of(user_message),
             assistant_message=MessageOut.of(assistant_message),
-        )
-
-    async def _record_key(
-        self,
-        conversation: Conversation,
-        key: str,
-        request_hash: str,
-        user_message: Message,
-        assistant_id: uuid.UUID,
-    ) -> None:
-        # An expired record of the same key would block the unique constraint.
-        await self._session.execute(
-            delete(IdempotencyKey).where(
-                IdempotencyKey.user_id == conversation.user_id,
-                IdempotencyKey.key == key,
-                IdempotencyKey.created_at < utcnow() - IDEMPOTENCY_WINDOW,
-            )
-        )
-        self._session.add(
-            IdempotencyKey(
-                user_id=conversation.user_id,
-                key=key,
-                request_hash=request_hash,
-                conversation_id=conversation.id,
-                user_message_id=user_message.id,
-                assistant_message_id=assistant_id,
-                created_at=utcnow(),
-            )
         )

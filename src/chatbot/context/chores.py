@@ -81,6 +81,11 @@ def extractive_summary(previous: str | None, rows: list[Message], words: int) ->
     return "\n".join(lines)
 
 
+class EmptySummary(UpstreamError):
+    code = "empty_reply"
+    detail = "The utility model returned an empty summary"
+
+
 NEXT_TURN_SLACK = 16
 """Tokens of framing the next turn adds around this turn's reply."""
 
@@ -243,7 +248,7 @@ class Chores:
         text = f"Earlier summary:\n{previous or '(none)'}\n\nNew messages:\n{transcript(rows)}"
         summary = await self._complete(SUMMARY_INSTRUCTIONS.format(words=words), text)
         if not summary:
-            raise UpstreamError("The utility model returned an empty summary", code="empty_reply")
+            raise EmptySummary()
         return summary
 
 

@@ -20,7 +20,7 @@ async def conversation_context(
 ) -> dict[str, Any]:
     """What the next turn would send the model, before its new message, and what it costs."""
     model = conversation.model or settings.model
-    tools = registry.offered(conversation)
+    tools = registry.offered(conversation.toolsets, conversation.user_id)
     plan = await builder.plan(
         session,
         conversation,
@@ -42,7 +42,7 @@ async def conversation_context(
             "tokens": plan.system_tokens,
         },
         "tools": {
-            "toolsets": registry.toolsets_of(conversation),
+            "toolsets": registry.toolsets_of(conversation.toolsets),
             "offered": list(tools),
             "tokens": plan.tool_tokens,
         },

@@ -6,7 +6,7 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import repository
 from chatbot.conversations.models import Conversation
 from chatbot.deps import SessionDep
-from chatbot.errors import conversation_not_found
+from chatbot.errors import ConversationNotFound
 from chatbot.ids import parse_id
 
 
@@ -15,10 +15,10 @@ async def owned_conversation(
 ) -> Conversation:
     """The caller's conversation; somebody else's answers 404 exactly like a missing one."""
     conversation = await repository.get_owned(
-        session, user_id, parse_id(conversation_id, conversation_not_found())
+        session, user_id, parse_id(conversation_id, ConversationNotFound)
     )
     if conversation is None:
-        raise conversation_not_found()
+        raise ConversationNotFound()
     return conversation
 
 

@@ -4,9 +4,9 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import service
 from chatbot.conversations.deps import OwnedConversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
-from chatbot.deps import ProfilesDep, RegistryDep, SessionDep, ToolsDep
+from chatbot.deps import ProfilesDep, RepliesDep, SessionDep, ToolsDep
 from chatbot.pagination import DEFAULT_LIMIT, Cursor, Limit, Page
-from chatbot.streams.registry import StopReason
+from chatbot.replies.items import StopReason
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
@@ -35,7 +35,7 @@ async def list_conversations(
 
 @router.get("/{conversation_id}")
 async def get_conversation(conversation: OwnedConversation, tools: ToolsDep) -> ConversationOut:
-    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation.toolsets))
 
 
 @router.patch("/{conversation_id}")
@@ -51,10 +51,10 @@ async def update_conversation(
 
 @router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_conversation(
-    conversation: OwnedConversation, session: SessionDep, registry: RegistryDep
+    conversation: OwnedConversation, session: SessionDep, replies: RepliesDep
 ) -> Response:
     if conversation.active_reply_id is not None:
         # Nobody is left to read the reply: stop paying for it.
-        await registry.stop(conversation.active_reply_id, StopReason.CANCELLED)
+        await replies.stop(conversation.active_reply_id, StopReason.CANCELLED)
     await service.delete(session, conversation.user_id, conversation.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

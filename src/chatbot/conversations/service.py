@@ -8,7 +8,7 @@ from chatbot.conversations import repository
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
 from chatbot.db import utcnow
-from chatbot.errors import BadRequest, conversation_not_found
+from chatbot.errors import ConversationNotFound, InvalidCursor
 from chatbot.pagination import Page, decode_cursor, encode_cursor
 from chatbot.tools.registry import ToolRegistry
 
@@ -24,7 +24,7 @@ async def create(
     conversation = new_conversation(user_id, body, tools)
     repository.add(session, conversation)
     await session.commit()
-    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation.toolsets))
 
 
 def new_conversation(user_id: str, body: ConversationCreate, tools: ToolRegistry) -> Conversation:
@@ -62,7 +62,7 @@ async def list_page(
         last = rows[-1]
         next_cursor = encode_cursor({"u": last.updated_at.isoformat(), "i": str(last.id)})
     return Page(
-        data=[ConversationOut.of(row, tools.toolsets_of(row)) for row in rows],
+        data=[ConversationOut.of(row, tools.toolsets_of(row.toolsets)) for row in rows],
         next_cursor=next_cursor,
     )
 
@@ -75,7 +75,7 @@ def _conversation_position(cursor: str) -> tuple[datetime, uuid.UUID]:
             raise ValueError("naive time")
         return updated_at.astimezone(UTC), uuid.UUID(position["i"])
     except (KeyError, TypeError, ValueError, OverflowError):
-        raise BadRequest("The cursor is not valid", code="invalid_cursor") from None
+        raise InvalidCursor() from None
 
 
 async def update(
@@ -94,10 +94,10 @@ async def update(
         setattr(conversation, field, value)
     conversation.updated_at = utcnow()
     await session.commit()
-    return ConversationOut.of(conversation, tools.toolsets_of(conversation))
+    return ConversationOut.of(conversation, tools.toolsets_of(conversation.toolsets))
 
 
 async def delete(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> None:
     if not await repository.delete_owned(session, user_id, conversation_id):
-        raise conversation_not_found()
+        raise ConversationNotFound()
     await session.commit()

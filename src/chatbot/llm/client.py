@@ -4,6 +4,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+MAX_MODEL_CHARS = 200
+MAX_FINISH_REASON_CHARS = 50
+"""What the columns a reply's model and finish reason are stored in hold."""
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:

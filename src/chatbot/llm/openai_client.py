@@ -15,6 +15,8 @@ from openai import AsyncOpenAI
 from chatbot.config import Settings
 from chatbot.errors import UpstreamError
 from chatbot.llm.client import (
+    MAX_FINISH_REASON_CHARS,
+    MAX_MODEL_CHARS,
     Completion,
     CompletionRequest,
     StreamEvent,
@@ -22,6 +24,17 @@ from chatbot.llm.client import (
     TokenUsage,
     ToolCall,
 )
+from chatbot.llm.errors import (
+    UpstreamAuthFailed,
+    UpstreamDisconnected,
+    UpstreamInvalidResponse,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamReportedError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from chatbot.sanitize import MAX_COUNT, clean_count, clean_label, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +119,9 @@ class OpenAIChatClient:
         lines = response.aiter_lines()
         try:
             async for chunk in _chunks(lines):
-                model = chunk.get("model") or model
+                model = _label(chunk.get("model"), MAX_MODEL_CHARS) or model
                 if chunk.get("usage"):
-                    usage = _usage(chunk["usage"])
+                    usage = _usage(chunk["usage"]) or usage
                 choices = chunk.get("choices")
                 if choices:
                     choice = choices[0]
@@ -118,7 +131,7 @@ class OpenAIChatClient:
                     if fragments := delta.get("tool_calls"):
                         calls.add(fragments)
                     if choice.get("finish_reason"):
-                        finish_reason = str(choice["finish_reason"])
+                        finish_reason = _label(choice["finish_reason"], MAX_FINISH_REASON_CHARS)
         except (*_HTTP_ERRORS, ValueError, TypeError, AttributeError, LookupError) as exc:
             # ValueError and friends: a chunk that is not JSON, or not the shape of a chunk.
             raise upstream_error(exc, mid_stream=True) from exc
@@ -252,24 +265,32 @@ def _chunk(payload: str, event: str | None) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise ValueError("a chunk is not a JSON object")
     if event == "error" or chunk.get("error"):
-        raise UpstreamError(
-            "The model provider reported an error during the reply", code="upstream_error"
-        )
+        raise UpstreamReportedError()
     return chunk
 
 
-def _usage(usage: dict[str, Any]) -> TokenUsage:
-    return TokenUsage(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        total_tokens=int(usage.get("total_tokens") or 0),
-    )
+def _usage(usage: object) -> TokenUsage | None:
+    """The usage a provider reported, if its counts are counts; a provider that sends nonsense
+    here loses its usage, never its reply (the service counts the reply itself)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = clean_count(usage.get("prompt_tokens"))
+    completion = clean_count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    total = clean_count(usage.get("total_tokens"))
+    return TokenUsage(prompt, completion, min(MAX_COUNT, total or prompt + completion))
 
 
 def _text(content: object) -> str:
+    """Text as it enters from the provider: made storable here, once."""
     if not isinstance(content, str):
         raise TypeError("delta content is not text")
-    return content
+    return clean_text(content)
+
+
+def _label(value: object, max_chars: int) -> str | None:
+    return clean_label(value, max_chars) if isinstance(value, str) else None
 
 
 def _rejects_parameter_style(exc: openai.BadRequestError, reasoning: bool) -> bool:
@@ -286,8 +307,8 @@ def _upstream_message(exc: openai.APIStatusError) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])[:_MAX_UPSTREAM_DETAIL]
-    return str(exc.message)[:_MAX_UPSTREAM_DETAIL]
+            return clean_text(str(inner["message"])[:_MAX_UPSTREAM_DETAIL])
+    return clean_text(str(exc.message)[:_MAX_UPSTREAM_DETAIL])
 
 
 def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError:
@@ -297,37 +318,20 @@ def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError
         retry_after = exc.response.headers.get("retry-after")
         if retry_after and retry_after.strip().isdigit():
             headers["Retry-After"] = retry_after.strip()
-        return UpstreamError(
-            "The model provider is rate limiting requests; try again later",
-            code="upstream_rate_limited",
-            status=429,
-            headers=headers or None,
-        )
+        return UpstreamRateLimited(headers=headers or None)
     if isinstance(exc, (openai.APITimeoutError, *_TIMEOUTS)):
-        return UpstreamError(
-            "The model provider did not answer in time", code="upstream_timeout", status=504
-        )
+        return UpstreamTimeout()
     if mid_stream and isinstance(exc, (openai.APIConnectionError, *_TRANSPORT_ERRORS)):
-        return UpstreamError(
-            "The connection to the model provider broke during the reply",
-            code="upstream_disconnected",
-        )
+        return UpstreamDisconnected()
     if isinstance(exc, (openai.APIConnectionError, *_TRANSPORT_ERRORS)):
-        return UpstreamError(
-            "The model provider could not be reached", code="upstream_unavailable", status=503
-        )
+        return UpstreamUnavailable()
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         # The provider's text may quote part of our key: keep it out of the response.
-        return UpstreamError(
-            "The model provider refused our credentials", code="upstream_auth_failed"
-        )
+        return UpstreamAuthFailed()
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code in (400, 404, 422):
-            return UpstreamError(
-                f"The model provider rejected the request: {_upstream_message(exc)}",
-                code="upstream_rejected",
+            return UpstreamRejected(
+                f"The model provider rejected the request: {_upstream_message(exc)}"
             )
-        return UpstreamError(
-            f"The model provider failed with status {exc.status_code}", code="upstream_error"
-        )
-    return UpstreamError("The model provider sent an invalid response", code="upstream_error")
+        return UpstreamError(f"The model provider failed with status {exc.status_code}")
+    return UpstreamInvalidResponse()

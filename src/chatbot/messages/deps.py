@@ -2,7 +2,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
-from chatbot.errors import message_not_found
+from chatbot.errors import MessageNotFound
 from chatbot.ids import parse_id
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, Role
@@ -14,12 +14,12 @@ async def get_owned_message(session: AsyncSession, user_id: str, message_id: str
         select(Message)
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(
-            Message.id == parse_id(message_id, message_not_found()),
+            Message.id == parse_id(message_id, MessageNotFound),
             Conversation.user_id == user_id,
         )
     )
     if message is None:
-        raise message_not_found()
+        raise MessageNotFound()
     return message
 
 

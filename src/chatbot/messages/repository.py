@@ -1,11 +1,9 @@
 import uuid
-from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot.db import changed_rows
-from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.models import Message, Role
 
 
 async def list_after(
@@ -85,40 +83,6 @@ async def turn_of(session: AsyncSession, reply: Message) -> list[Message]:
 
 async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
     return await session.get(Message, message_id, populate_existing=True)
-
-
-async def finish(
-    session: AsyncSession, message_id: uuid.UUID, values: dict[str, Any]
-) -> Message | None:
-    """Store a reply's end, unless it was already finished (cancelled elsewhere, or swept).
-
-    Returns the stored row, or None if it was already final or is gone."""
-    stored: Message | None = await session.scalar(
-        update(Message)
-        .where(Message.id == message_id, Message.status == MessageStatus.IN_PROGRESS)
-        .values(**values)
-        .returning(Message)
-        .execution_options(populate_existing=True, synchronize_session=False)
-    )
-    return stored
-
-
-async def move_reply(
-    session: AsyncSession, message_id: uuid.UUID, *, from_seq: int, to_seq: int
-) -> bool:
-    """Move a running reply to a later position and empty it: its text so far belongs to the
-    message that called tools, which takes its place. False if it is no longer running."""
-    result = await session.execute(
-        update(Message)
-        .where(
-            Message.id == message_id,
-            Message.seq == from_seq,
-            Message.status == MessageStatus.IN_PROGRESS,
-        )
-        .values(seq=to_seq, content="")
-        .execution_options(synchronize_session=False)
-    )
-    return changed_rows(result) > 0
 
 
 def add(session: AsyncSession, *messages: Message) -> None:

@@ -1,7 +1,7 @@
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
-from chatbot.errors import BadRequest
+from chatbot.errors import InvalidCursor
 from chatbot.messages import repository
 from chatbot.messages.schemas import MessageOut
 from chatbot.pagination import Page, decode_cursor, encode_cursor
@@ -24,5 +24,5 @@ async def list_page(
 def _message_position(cursor: str) -> int:
     position = decode_cursor(cursor).get("s")
     if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < 2**31:
-        raise BadRequest("The cursor is not valid", code="invalid_cursor")
+        raise InvalidCursor()
     return position

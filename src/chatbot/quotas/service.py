@@ -18,15 +18,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.config import Settings
-from chatbot.errors import AppError
+from chatbot.errors import TooManyRequests
 from chatbot.quotas.models import DailyUsage
 
 logger = logging.getLogger(__name__)
 
 
-class TooManyRequests(AppError):
-    status = 429
-    code = "rate_limited"
+class TooManyReplies(TooManyRequests):
+    code = "too_many_replies"
+
+
+class QuotaExceeded(TooManyRequests):
+    code = "quota_exceeded"
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -79,10 +82,9 @@ def _until_midnight() -> float:
     return (tomorrow - now).total_seconds()
 
 
-def too_many_replies(settings: Settings) -> "TooManyRequests":
-    return TooManyRequests(
+def too_many_replies(settings: Settings) -> TooManyReplies:
+    return TooManyReplies(
         f"At most {settings.max_concurrent_replies} replies may run at once",
-        code="too_many_replies",
         headers=_retry_after(1),
     )
 
@@ -101,9 +103,8 @@ async def check_turn(
         )
     )
     if (used or 0) + prompt_tokens > quota:
-        raise TooManyRequests(
+        raise QuotaExceeded(
             f"The daily quota of {quota} tokens is used up ({used or 0} so far today)",
-            code="quota_exceeded",
             headers=_retry_after(_until_midnight()),
         )
 

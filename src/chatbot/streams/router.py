@@ -1,26 +1,23 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import update
 from sse_starlette import EventSourceResponse
 
-from chatbot.auth.deps import AccessTokenQuery, CurrentUser, admit, streaming_user
+from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
 from chatbot.auth.tokens import TOKEN_PATTERN
-from chatbot.conversations import repository as conversations
-from chatbot.db import utcnow
 from chatbot.deps import (
-    FollowerDep,
-    RegistryDep,
+    RateLimiterDep,
+    RepliesDep,
     SessionDep,
     SettingsDep,
     StreamSignerDep,
 )
-from chatbot.errors import BadRequest, message_not_found
+from chatbot.errors import MessageNotFound
 from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message, preceding_user_message
-from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.models import Message, Role
 from chatbot.messages.schemas import MessageOut
-from chatbot.streams.registry import StopReason
+from chatbot.streams.errors import InvalidEventId, NotAReply
 from chatbot.streams.sse import (
     LastEventId,
     parse_event_id,
@@ -55,7 +52,8 @@ async def follow_message(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    follower: FollowerDep,
+    limiter: RateLimiterDep,
+    replies: RepliesDep,
     signer: StreamSignerDep,
     token: StreamToken = None,
     access_token: AccessTokenQuery = None,
@@ -64,18 +62,16 @@ async def follow_message(
 ) -> EventSourceResponse:
     """Replay what the reply has so far, then stream the rest live, then `done` or `error`."""
     if token is not None:
-        user_id = signer.verify(token, parse_id(message_id, message_not_found()))
-        await admit(request, user_id)
+        user_id = signer.verify(token, parse_id(message_id, MessageNotFound))
+        await limiter.admit(user_id)
     else:
-        user_id = await streaming_user(request, settings, access_token)
-    message = await get_owned_message(session, user_id, message_id)
-    if message.role is not Role.ASSISTANT:
-        raise BadRequest("Only assistant messages can be followed", code="not_a_reply")
+        user_id = await streaming_user(request, settings, limiter, access_token)
+    message = await _owned_reply(session, user_id, message_id)
     offset = starting_after or 0
     if last_event_id:
         event_message_id, offset = parse_event_id(last_event_id)
         if event_message_id != message.id:
-            raise BadRequest("Last-Event-ID belongs to another message", code="invalid_event_id")
+            raise InvalidEventId("Last-Event-ID belongs to another message")
     start = None
     if offset == 0:
         user_message = await preceding_user_message(session, message)
@@ -85,7 +81,7 @@ async def follow_message(
             MessageOut.of(message).model_dump(mode="json"),
         )
     return stream_response(
-        reply_events(message.id, follower.events(message.id, offset), start), settings
+        reply_events(message.id, replies.follow(message.id, offset), start), settings
     )
 
 
@@ -94,39 +90,23 @@ async def new_stream_url(
     message_id: str, user_id: CurrentUser, session: SessionDep, signer: StreamSignerDep
 ) -> dict[str, str]:
     """A fresh `stream_url` for one of the caller's replies, for `EventSource` after a reload."""
-    message = await get_owned_message(session, user_id, message_id)
-    if message.role is not Role.ASSISTANT:
-        raise BadRequest("Only assistant messages can be followed", code="not_a_reply")
+    message = await _owned_reply(session, user_id, message_id)
     return {"stream_url": stream_url(signer, user_id, message.id)}
 
 
 @router.post("/{message_id}/cancel")
 async def cancel_message(
-    message_id: str,
-    user_id: CurrentUser,
-    session: SessionDep,
-    registry: RegistryDep,
-    follower: FollowerDep,
+    message_id: str, user_id: CurrentUser, session: SessionDep, replies: RepliesDep
 ) -> dict[str, Any]:
     """Stop a reply at once; the partial text is kept as `cancelled`. Harmless when repeated."""
     message = await get_owned_message(session, user_id, message_id)
-    if (
-        message.status is MessageStatus.IN_PROGRESS
-        and await registry.stop(message.id, StopReason.CANCELLED) is None
-    ):
-        # Not running here: stored as cancelled with its last checkpoint, and the process that
-        # runs it (if any) stops it at its next checkpoint.
-        await _cancel_elsewhere(session, message)
-    outcome = await follower.outcome(message.id)
+    await session.close()  # the cancel may wait for the reply's store: hold no connection
+    outcome = await replies.cancel(message, user_id)
     return {"assistant_message": outcome.message}
 
 
-async def _cancel_elsewhere(session: SessionDep, message: Message) -> None:
-    now = utcnow()
-    await session.execute(
-        update(Message)
-        .where(Message.id == message.id, Message.status == MessageStatus.IN_PROGRESS)
-        .values(status=MessageStatus.CANCELLED, completed_at=now)
-    )
-    await conversations.release_reply(session, message.conversation_id, message.id)
-    await session.commit()
+async def _owned_reply(session: SessionDep, user_id: str, message_id: str) -> Message:
+    message = await get_owned_message(session, user_id, message_id)
+    if message.role is not Role.ASSISTANT:
+        raise NotAReply()
+    return message

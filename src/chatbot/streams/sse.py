@@ -14,8 +14,8 @@ from starlette.types import Message, Send
 
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
-from chatbot.errors import BadRequest
-from chatbot.streams.registry import Delta, Deltas, Item, Outcome
+from chatbot.replies.items import Batch, Delta, Item, Outcome
+from chatbot.streams.errors import InvalidEventId
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 EVENT_ID_PATTERN = r"^([0-9a-fA-F-]{36}):(\d{1,12})$"
@@ -39,13 +39,11 @@ def parse_event_id(value: str) -> tuple[uuid.UUID, int]:
     """`<message_id>:<stream position>`, as sent back in `Last-Event-ID`."""
     match = _EVENT_ID.match(value.strip())
     if match is None:
-        raise BadRequest("Last-Event-ID is not an id this service sent", code="invalid_event_id")
+        raise InvalidEventId()
     try:
         return uuid.UUID(match[1]), int(match[2])
     except ValueError:
-        raise BadRequest(
-            "Last-Event-ID is not an id this service sent", code="invalid_event_id"
-        ) from None
+        raise InvalidEventId() from None
 
 
 def start_event(
@@ -87,7 +85,7 @@ def done_data(outcome: Outcome) -> dict[str, Any]:
 
 async def reply_events(
     message_id: uuid.UUID,
-    items: AsyncIterator[Deltas | Outcome],
+    items: AsyncIterator[Batch | Outcome],
     start: ServerSentEvent | None = None,
 ) -> AsyncIterator[ServerSentEvent | bytes]:
     """Deltas and tool events come as bytes ready for the wire; the others as

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chatbot.sanitize import clean_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ class ToolResult:
 
 
 def error_result(message: str) -> ToolResult:
-    return ToolResult("error", json.dumps({"error": message}, ensure_ascii=False))
+    return ToolResult("error", clean_text(json.dumps({"error": message}, ensure_ascii=False)))
 
 
 def argument_errors(tool: Tool, arguments: object) -> list[str]:
@@ -107,7 +109,8 @@ async def run_tool(
     try:
         async with deadline:
             result = await tool.handler(context, parsed)
-        content = json.dumps(result, ensure_ascii=False, default=str)
+        # A tool's output enters here: made storable once (an MCP server may send anything).
+        content = clean_text(json.dumps(result, ensure_ascii=False, default=str))
     except TimeoutError:
         if deadline.expired():
             return error_result(f"the tool took longer than {timeout_seconds:g} s")

@@ -6,13 +6,9 @@ import importlib
 from collections.abc import Iterable, Mapping
 
 from chatbot.config import ConfigError, Settings, check_toolset_name
-from chatbot.conversations.models import Conversation
-from chatbot.errors import AppError
-from chatbot.tasks.tools import TASKS
+from chatbot.errors import Unprocessable
 from chatbot.tools.base import Tool, Toolset
 from chatbot.tools.mcp_client import McpToolSource
-
-BUILT_IN = (TASKS,)
 
 
 def imported_toolsets(paths: Iterable[str]) -> list[Toolset]:
@@ -30,13 +26,12 @@ def imported_toolsets(paths: Iterable[str]) -> list[Toolset]:
     return found
 
 
-class UnknownToolset(AppError):
-    status = 422
+class UnknownToolset(Unprocessable):
     code = "unknown_toolset"
 
 
 class ToolRegistry:
-    def __init__(self, settings: Settings, built_in: Iterable[Toolset] = BUILT_IN) -> None:
+    def __init__(self, settings: Settings, built_in: Iterable[Toolset]) -> None:
         self._built_in: dict[str, Toolset] = {}
         for toolset in (*built_in, *imported_toolsets(settings.toolset_imports)):
             if toolset.name in self._built_in:
@@ -82,16 +77,17 @@ class ToolRegistry:
                 errors=[{"loc": ["body", "toolsets"], "msg": f"unknown: {', '.join(unknown)}"}],
             )
 
-    def toolsets_of(self, conversation: Conversation) -> list[str]:
-        return self._default if conversation.toolsets is None else conversation.toolsets
+    def toolsets_of(self, chosen: list[str] | None) -> list[str]:
+        """The toolsets a conversation uses: those it chose, or (None) the default."""
+        return self._default if chosen is None else chosen
 
-    def offered(self, conversation: Conversation) -> Mapping[str, Tool]:
-        """The tools a turn of this conversation offers the model (none when no round of
-        calls may run)."""
+    def offered(self, chosen: list[str] | None, user_id: str) -> Mapping[str, Tool]:
+        """The tools a turn of a conversation that chose `chosen` offers the model for its
+        user (none when no round of calls may run)."""
         if self._max_rounds == 0:
             return {}
-        available = set(self.available(conversation.user_id))
-        return self.tools(name for name in self.toolsets_of(conversation) if name in available)
+        available = set(self.available(user_id))
+        return self.tools(name for name in self.toolsets_of(chosen) if name in available)
 
     def tools(self, names: Iterable[str]) -> Mapping[str, Tool]:
         """The tools of these toolsets by name, as they stand now. A toolset that is gone from

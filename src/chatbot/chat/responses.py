@@ -11,24 +11,17 @@ from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.schemas import BackgroundTurnOut
 from chatbot.chat.service import Turn
 from chatbot.config import Settings
-from chatbot.deps import FollowerDep, RegistryDep, SettingsDep, StreamSignerDep
+from chatbot.deps import RepliesDep, SettingsDep, StreamSignerDep
 from chatbot.errors import PROBLEM_JSON
-from chatbot.streams.follow import ReplyFollower
-from chatbot.streams.registry import ReplyRegistry, StopReason
+from chatbot.replies.items import StopReason
+from chatbot.replies.service import Replies
 from chatbot.streams.sse import reply_events, start_event, stream_response, stream_url
 
 
-class Replies:
-    def __init__(
-        self,
-        settings: Settings,
-        follower: ReplyFollower,
-        registry: ReplyRegistry,
-        signer: StreamTokenSigner,
-    ) -> None:
+class TurnResponses:
+    def __init__(self, settings: Settings, replies: Replies, signer: StreamTokenSigner) -> None:
         self._settings = settings
-        self._follower: ReplyFollower = follower
-        self._registry: ReplyRegistry = registry
+        self._replies = replies
         self._signer = signer
 
     async def respond(
@@ -57,18 +50,18 @@ class Replies:
             turn.user_message.model_dump(mode="json"),
             turn.assistant_message.model_dump(mode="json"),
         )
-        events = reply_events(message_id, self._follower.events(message_id), start)
+        events = reply_events(message_id, self._replies.follow(message_id), start)
         if self._settings.cancel_on_disconnect and not turn.replayed:
             events = self._cancelled_on_disconnect(turn, events)
         return stream_response(events, self._settings)
 
     def follow(self, message_id: uuid.UUID, offset: int) -> Response:
         return stream_response(
-            reply_events(message_id, self._follower.events(message_id, offset)), self._settings
+            reply_events(message_id, self._replies.follow(message_id, offset)), self._settings
         )
 
     async def json(self, turn: Turn) -> Response:
-        outcome = await self._follower.outcome(turn.assistant_message.id)
+        outcome = await self._replies.outcome(turn.assistant_message.id)
         body = {
             "conversation_id": str(turn.conversation_id),
             "user_message": turn.user_message.model_dump(mode="json"),
@@ -94,10 +87,10 @@ class Replies:
                 finished = isinstance(event, ServerSentEvent) and event.event in ("done", "error")
         finally:
             if not finished:
-                await self._registry.stop(turn.assistant_message.id, StopReason.CANCELLED)
+                await self._replies.stop(turn.assistant_message.id, StopReason.CANCELLED)
 
 
-async def get_replies(
-    settings: SettingsDep, follower: FollowerDep, registry: RegistryDep, signer: StreamSignerDep
-) -> Replies:
-    return Replies(settings, follower, registry, signer)
+async def get_responses(
+    settings: SettingsDep, replies: RepliesDep, signer: StreamSignerDep
+) -> TurnResponses:
+    return TurnResponses(settings, replies, signer)

@@ -1,4 +1,4 @@
-"""How the calls of a turn are shown: SSE events, the list a finished turn reports, and both
+"""How the tool calls of a turn are shown: SSE events, the list a finished turn reports, and both
 rebuilt from the stored messages, identical to what the live reply sent."""
 
 import json

@@ -1,0 +1,175 @@
+"""Every statement that writes a reply's rows: its start, checkpoints, tool rounds, its end
+(by its runner, by a cancel from elsewhere, by the sweep). Each runs in the caller's
+transaction; the caller commits. Nothing outside this package writes a reply row."""
+
+import uuid
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chatbot.conversations import repository as conversations
+from chatbot.db import changed_rows
+from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.replies.live import ReplyRef, Snapshot
+from chatbot.replies.status import Mover, check_move
+
+_messages = cast(Table, Message.__table__)
+_save_content = (
+    update(_messages)
+    .where(
+        _messages.c.id == bindparam("message_id"),
+        _messages.c.status == MessageStatus.IN_PROGRESS,
+        # A round of tool calls moved the row and took its text meanwhile: this snapshot is old.
+        _messages.c.seq == bindparam("at_seq"),
+    )
+    .values(content=bindparam("new_content"), checkpoint_at=bindparam("now"))
+)
+
+
+def add_reply(
+    session: AsyncSession,
+    ref: ReplyRef,
+    *,
+    seq: int,
+    model: str,
+    prompt_token_count: int,
+    prompt_hash: str,
+    now: datetime,
+) -> Message:
+    """A reply's row, `in_progress` from the moment the turn that asks for it commits."""
+    reply = Message(
+        id=ref.message_id,
+        conversation_id=ref.conversation_id,
+        seq=seq,
+        role=Role.ASSISTANT,
+        content="",
+        status=MessageStatus.IN_PROGRESS,
+        model=model,
+        prompt_token_count=prompt_token_count,
+        prompt_hash=prompt_hash,
+        created_at=now,
+        checkpoint_at=now,
+    )
+    session.add(reply)
+    return reply
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def _content_parameters(snapshot: Snapshot, now: datetime) -> dict[str, Any]:
+    return {
+        "message_id": snapshot.message_id,
+        "new_content": snapshot.content,
+        "now": now,
+        "at_seq": snapshot.seq,
+    }
+
+
+async def save_contents(
+    session: AsyncSession, snapshots: Sequence[Snapshot], now: datetime
+) -> None:
+    """The text of running replies so far, in one statement."""
+    await session.execute(_save_content, [_content_parameters(each, now) for each in snapshots])
+
+
+async def mark_alive(
+    session: AsyncSession, message_ids: Collection[uuid.UUID], now: datetime
+) -> set[uuid.UUID]:
+    """Mark replies as alive; returns those still `in_progress` (others were finished
+    elsewhere: cancelled on another instance, swept, or deleted with their conversation)."""
+    await session.execute(
+        update(Message)
+        .where(Message.id.in_(message_ids), Message.status == MessageStatus.IN_PROGRESS)
+        .values(checkpoint_at=now)
+    )
+    running = await session.scalars(
+        select(Message.id).where(
+            Message.id.in_(message_ids), Message.status == MessageStatus.IN_PROGRESS
+        )
+    )
+    return set(running)
+
+
+# --- tool rounds ------------------------------------------------------------------------------
+
+
+async def store_calls(
+    session: AsyncSession, ref: ReplyRef, *, seq: int, calling: Message, results: int
+) -> bool:
+    """Put the message that called tools where the reply stood, keep a position for each of
+    its `results`, and move the reply after them, emptied: its text so far is the calling
+    message's. False when the reply no longer holds its conversation (cancelled, swept or
+    deleted elsewhere)."""
+    positions = results + 1
+    if not await conversations.extend_reply(
+        session, ref.conversation_id, ref.message_id, positions
+    ):
+        return False
+    moved = await session.execute(
+        update(Message)
+        .where(
+            Message.id == ref.message_id,
+            Message.seq == seq,
+            Message.status == MessageStatus.IN_PROGRESS,
+        )
+        .values(seq=seq + positions, content="")
+        .execution_options(synchronize_session=False)
+    )
+    if not changed_rows(moved):
+        return False
+    session.add(calling)
+    return True
+
+
+def add_tool_results(session: AsyncSession, results: Sequence[Message]) -> None:
+    session.add_all(results)
+
+
+# --- the end ----------------------------------------------------------------------------------
+
+
+async def finish(
+    session: AsyncSession, ref: ReplyRef, mover: Mover, values: dict[str, Any]
+) -> Message | None:
+    """End a reply and free its conversation, unless it was already final (finished elsewhere)
+    or is gone. Returns the stored row, or None."""
+    check_move(mover, values["status"])
+    stored: Message | None = await session.scalar(
+        update(Message)
+        .where(Message.id == ref.message_id, Message.status == MessageStatus.IN_PROGRESS)
+        .values(**values)
+        .returning(Message)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+    await conversations.release_reply(session, ref.conversation_id, ref.message_id)
+    return stored
+
+
+async def stale(session: AsyncSession, stale_before: datetime) -> list[uuid.UUID]:
+    """The running replies nobody has checkpointed since `stale_before`."""
+    rows = await session.scalars(
+        select(Message.id).where(
+            Message.status == MessageStatus.IN_PROGRESS,
+            # Rows from before checkpoints existed have none: stale by definition.
+            or_(Message.checkpoint_at < stale_before, Message.checkpoint_at.is_(None)),
+        )
+    )
+    return list(rows)
+
+
+async def abandon(
+    session: AsyncSession, message_ids: Collection[uuid.UUID], error: dict[str, Any], now: datetime
+) -> None:
+    """End replies whose producer is gone as `incomplete`, with their last checkpoint, and
+    free their conversations."""
+    status = check_move(Mover.SWEEP, MessageStatus.INCOMPLETE)
+    await session.execute(
+        update(Message)
+        .where(Message.id.in_(message_ids), Message.status == MessageStatus.IN_PROGRESS)
+        .values(status=status, error=error, completed_at=now)
+    )
+    await conversations.release_replies(session, list(message_ids))

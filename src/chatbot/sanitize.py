@@ -1,0 +1,44 @@
+"""Values from outside (a model provider, a tool, an MCP server) made storable where they enter.
+
+Text: PostgreSQL refuses NUL in text, and a lone UTF-16 surrogate (what the JSON escape `\\ud800`
+decodes to) cannot be encoded as UTF-8 at all, by any database driver or HTTP response. Both
+become U+FFFD, as a Unicode-correct decoder would make of them; every other character stays.
+Counts: the integer columns hold 32-bit signed values; a provider's number that is not a whole,
+finite, non-negative number is no count at all.
+"""
+
+import math
+import re
+
+REPLACEMENT = "\ufffd"
+MAX_COUNT = 2**31 - 1
+"""The largest value an INTEGER column holds on PostgreSQL (SQLite holds more)."""
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """The text with NUL and lone surrogates replaced by U+FFFD."""
+    if _UNSTORABLE.search(text) is None:
+        return text
+    return _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def clean_label(text: str, max_chars: int) -> str | None:
+    """A short name a provider sends (a model, a finish reason), cut to its column; None
+    when nothing is left."""
+    return clean_text(text)[:max_chars] or None
+
+
+def clean_count(value: object) -> int | None:
+    """A token count as a provider sent it: a whole non-negative number, clamped to what a
+    column holds; None for anything else (text, booleans, fractions, NaN, negatives)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    if not isinstance(value, int) or value < 0:
+        return None
+    return min(value, MAX_COUNT)
