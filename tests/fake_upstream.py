@@ -39,6 +39,8 @@ class Reply:
     fragment_size: int = 5
     finish_reason: str = "stop"
     usage: bool = True
+    usage_numbers: dict[str, Any] | None = None
+    """The usage chunk's numbers as sent, instead of counts of the tokens (any JSON)."""
     model: str = "fake-model"
 
 
@@ -183,7 +185,9 @@ def _completion(reply: Reply) -> dict[str, Any]:
     }
 
 
-def _usage(reply: Reply) -> dict[str, int]:
+def _usage(reply: Reply) -> dict[str, Any]:
+    if reply.usage_numbers is not None:
+        return reply.usage_numbers
     completion_tokens = len(reply.tokens)
     return {
         "prompt_tokens": 11,

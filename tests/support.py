@@ -391,11 +391,13 @@ async def eventually(
         await asyncio.sleep(0.01)
 
 
-async def final_reply(service: "Service", conversation_id: str, seconds: float = 10.0) -> Any:
+async def final_reply(
+    service: "Service", conversation_id: str, seconds: float = 10.0, *, user: str = "alice"
+) -> Any:
     """The conversation's last message once it is no longer being generated."""
 
     async def finished() -> dict[str, Any] | None:
-        messages = await service.messages(conversation_id)
+        messages = await service.messages(conversation_id, user)
         return messages[-1] if messages and messages[-1]["status"] != "in_progress" else None
 
     return await eventually(finished, seconds)

@@ -95,8 +95,9 @@ class ReplyKeeper:
                 await self._registry.stop(reply.message_id, StopReason.SUPERSEDED)
 
     async def _save(self, snapshots: list[Snapshot], now: datetime) -> list[Snapshot]:
-        """Save the texts in one statement; if that fails, one reply at a time, so that one
-        that cannot be saved never holds the others back. Returns those saved."""
+        """Save the texts in one statement; if that fails, one reply at a time (each text
+        made storable), so that one that cannot be saved never holds the others back.
+        Returns those saved."""
         if not snapshots:
             return []
         try:
@@ -116,7 +117,7 @@ class ReplyKeeper:
         for snapshot in snapshots:
             try:
                 async with self._sessionmaker() as session:
-                    await repository.save_contents(session, [snapshot], now)
+                    await repository.save_contents(session, [snapshot.storable()], now)
                     await session.commit()
             except Exception as exc:
                 if is_unreachable(exc):
@@ -138,14 +139,13 @@ class ReplyKeeper:
 
         Not until the database has answered for a whole stale period: after an outage every
         live producer needs that long to mark its replies alive again."""
-        if (
-            self._reachable_since is None
-            or time.monotonic() - self._reachable_since < self._stale_after
-        ):
-            return []
         now = utcnow()
         async with self._sessionmaker() as session:
             stale = await repository.stale(session, now - timedelta(seconds=self._stale_after))
+            self._answered()
+            assert self._reachable_since is not None
+            if time.monotonic() - self._reachable_since < self._stale_after:
+                return []
             local = {reply.message_id for reply in self._registry.running()}
             alive = local | await self._bus.alive(stale)
             abandoned = [message_id for message_id in stale if message_id not in alive]

@@ -8,11 +8,12 @@ to the live bus, which is how followers see it.
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatbot.replies.bus import ReplyChannel
 from chatbot.replies.items import Delta, Outcome, StopReason, ToolEvent
+from chatbot.sanitize import clean_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,9 @@ class Snapshot:
     content: str
     length: int
     seq: int
+
+    def storable(self) -> "Snapshot":
+        return replace(self, content=clean_text(self.content))
 
 
 class LiveReply:

@@ -33,6 +33,7 @@ from chatbot.replies.live import LiveReply, ReplyRef
 from chatbot.replies.outcomes import gone, outcome_of, stored_outcome, unreadable
 from chatbot.replies.rounds import ToolRound
 from chatbot.replies.status import Mover, failed_or_incomplete
+from chatbot.sanitize import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ class Ending:
     usage: TokenUsage | None = None
 
     def values(self, *, provider_figures: bool = True) -> dict[str, Any]:
+        """The row's new values; without the provider's figures, the fallback when the
+        database refused them (with the text made storable again, should any have come in
+        some other way than through a client that cleans it)."""
         values: dict[str, Any] = {
-            "content": self.content,
+            "content": self.content if provider_figures else clean_text(self.content),
             "token_count": self.token_count,
             "status": self.status,
             "latency_ms": self.latency_ms,
@@ -241,8 +245,8 @@ class ReplyStore:
             if is_unreachable(exc):
                 raise
             logger.warning(
-                "reply %s: the database refused the provider's figures (%s); storing it "
-                "without them",
+                "reply %s: the database refused its values (%s); storing it without the "
+                "provider's figures",
                 reply.message_id,
                 type(exc).__name__,
             )

@@ -1,0 +1,132 @@
+"""A reply that finishes while the database refuses connections is kept in memory and stored
+whole once the database answers again; its conversation is free the moment the store lands."""
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from chatbot.conversations.models import Conversation
+from chatbot.db import utcnow
+from chatbot.messages.models import Message, MessageStatus, Role
+from tests.fake_upstream import Reply
+from tests.support import DatabaseOutage, Service, eventually, read_events, read_stored
+
+TOKENS = ["Stored", " whole", ",", " though", " the", " database", " was", " away"]
+
+
+async def test_a_reply_finished_during_an_outage_is_stored_whole_when_the_database_returns(
+    start_service: Any, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with DatabaseOutage(database_url, tmp_path) as outage:
+        settings = {
+            "database_url": outage.database_url,
+            "checkpoint_seconds": 0.1,
+            # No sweep can be what frees the conversation here.
+            "stale_reply_seconds": 600,
+            "store_retry_seconds": 60,
+        }
+        async with start_service(**settings) as service:
+            conversation = await service.create_conversation()
+            gate = asyncio.Event()
+            service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
+            async with service.client.stream(
+                "POST",
+                f"/v1/conversations/{conversation['id']}/messages",
+                json={"content": "keep this"},
+                headers=service.auth() | {"Accept": "text/event-stream"},
+            ) as response:
+                events = read_events(response)
+                start = await anext(events)
+                reply_id = start.data["assistant_message"]["id"]
+                assert (await anext(events)).data == {"content": "Stored"}
+                await outage.begin(service)
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="chatbot"):
+                    gate.set()
+                    # The reply has ended and nothing can store it: it is kept, the stream open.
+                    await asyncio.sleep(1.5)
+                    assert service.running(reply_id) is not None
+                    await outage.end()
+                    rest = [event async for event in events]
+            said = [record for record in caplog.records if record.name == "chatbot.replies.store"]
+            assert len(said) == 1, [record.getMessage() for record in said]  # once, not per try
+
+            done = rest[-1]
+            assert done.event == "done", done.data
+            assert done.data["assistant_message"]["status"] == "completed"
+            assert done.data["assistant_message"]["content"] == "".join(TOKENS)
+            stored = await read_stored(outage.database_url, conversation["id"])
+            assert stored.replies[-1].content == "".join(TOKENS)
+            assert stored.replies[-1].latency_ms is not None
+            assert stored.conversation.active_reply_id is None
+
+            # The conversation takes the next turn at once: no sweep freed it.
+            service.upstream.queue(Reply(tokens=["Next"]))
+            again = await service.send(conversation["id"], "and now?")
+            assert again.status_code == 201, again.text
+            assert again.json()["assistant_message"]["content"] == "Next"
+
+
+async def test_after_an_outage_no_reply_is_swept_before_its_producer_could_mark_it_alive(
+    start_service: Any, database_url: str, tmp_path: Path
+) -> None:
+    async with DatabaseOutage(database_url, tmp_path) as outage:
+        settings = {
+            "database_url": outage.database_url,
+            "checkpoint_seconds": 0.05,
+            "stale_reply_seconds": 1,
+        }
+        async with start_service(**settings) as service:
+            conversation = await service.create_conversation()
+            # A reply another instance produces: it marked it alive just now.
+            reply_id = await _running_elsewhere(service, conversation["id"])
+            await outage.begin(service)
+            await asyncio.sleep(1.5)  # longer than a reply may go unmarked
+            await outage.end()
+            # Every instance's producers were cut off as long: none could mark its replies
+            # alive, and none is swept for that before the stale period has passed again.
+            await asyncio.sleep(0.6)
+            assert await _status(service, reply_id) is MessageStatus.IN_PROGRESS
+            # Past it, a reply nobody marked is abandoned (the sweep still does its work).
+            await eventually(
+                lambda: _status_is(service, reply_id, MessageStatus.INCOMPLETE), seconds=5
+            )
+
+
+async def _running_elsewhere(service: Service, conversation_id: str) -> uuid.UUID:
+    reply_id = uuid.uuid4()
+    async with service.state.sessionmaker() as session:
+        session.add(
+            Message(
+                id=reply_id,
+                conversation_id=uuid.UUID(conversation_id),
+                seq=2,
+                role=Role.ASSISTANT,
+                content="Half",
+                status=MessageStatus.IN_PROGRESS,
+                checkpoint_at=utcnow(),
+            )
+        )
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == uuid.UUID(conversation_id))
+            .values(active_reply_id=reply_id, message_count=2)
+        )
+        await session.commit()
+    return reply_id
+
+
+async def _status(service: Service, reply_id: uuid.UUID) -> MessageStatus:
+    async with service.state.sessionmaker() as session:
+        row = await session.get(Message, reply_id, populate_existing=True)
+    assert row is not None
+    return row.status
+
+
+async def _status_is(service: Service, reply_id: uuid.UUID, status: MessageStatus) -> bool:
+    return await _status(service, reply_id) is status
