@@ -16,7 +16,6 @@ from chatbot.chat.router import router as chat_router
 from chatbot.config import ConfigError, Settings
 from chatbot.context.builder import ContextBuilder
 from chatbot.context.chores import Chores
-from chatbot.context.prompts import PromptProfiles, UnknownProfile
 from chatbot.context.router import router as context_router
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.router import router as conversations_router
@@ -28,6 +27,7 @@ from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from chatbot.prompts import PromptProfiles, UnknownProfile
 from chatbot.quotas.service import RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.state import AppState, attach

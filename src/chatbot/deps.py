@@ -12,9 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
-from chatbot.context.prompts import PromptProfiles
 from chatbot.errors import RepeatedParameter
 from chatbot.llm.client import LLMClient
+from chatbot.prompts import PromptProfiles
 from chatbot.quotas.service import RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.state import AppState, state_of

@@ -9,8 +9,8 @@ from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.context.builder import ContextBuilder
 from chatbot.context.chores import Chores
-from chatbot.context.prompts import PromptProfiles
 from chatbot.llm.client import LLMClient
+from chatbot.prompts import PromptProfiles
 from chatbot.quotas.service import RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.tools.registry import ToolRegistry

@@ -13,13 +13,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.config import Settings
-from chatbot.context.prompts import PromptProfiles
 from chatbot.context.tokens import REPLY_PRIMING_TOKENS, TokenCounter
 from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
 from chatbot.llm.client import ChatMessage
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.prompts import PromptProfiles
 
 SUMMARY_PREFIX = "Summary of the earlier part of this conversation:\n"
 DEFAULT_CONTEXT_WINDOW = 8_192

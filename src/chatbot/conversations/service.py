@@ -3,13 +3,13 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chatbot.context.prompts import PromptProfiles
 from chatbot.conversations import repository
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
 from chatbot.db import utcnow
 from chatbot.errors import ConversationNotFound, InvalidCursor
 from chatbot.pagination import Page, decode_cursor, encode_cursor
+from chatbot.prompts import PromptProfiles
 from chatbot.tools.registry import ToolRegistry
 
 
