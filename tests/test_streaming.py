@@ -8,12 +8,14 @@ from typing import Any
 
 import httpx
 import pytest
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from chatbot.config import Settings
 from chatbot.replies.bus import InProcessBus
 from chatbot.replies.items import Delta, Outcome
 from chatbot.replies.live import LiveReply, ReplyRef
 from chatbot.replies.registry import ReplyRegistry
+from chatbot.streams import sse
 from chatbot.streams.sse import delta_event, reply_events
 from tests.fake_upstream import Reply
 from tests.support import Service, collect_events, final_reply, read_events
@@ -310,3 +312,37 @@ async def test_a_reply_that_ends_while_a_batch_is_sent_loses_none_of_its_end() -
     generation.finish(Outcome(message={"id": str(message_id)}))
     rest = [item async for item in items]
     assert rest == [(Delta(", world", 12),), Outcome(message={"id": str(message_id)})]
+
+
+async def test_sse_starlette_still_sends_through_the_method_we_override(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`stream_response` replaces sse-starlette's private `_send_with_timeout` (a native
+    timeout per send): should the library stop sending through it, the override would
+    silently do nothing. This fails first."""
+    assert "_send_with_timeout" in vars(EventSourceResponse)
+    sent: list[str] = []
+    override = sse._EventSourceResponse._send_with_timeout
+
+    async def counted(self: Any, send: Any, message: Any) -> None:
+        sent.append(message["type"])
+        await override(self, send, message)
+
+    monkeypatch.setattr(sse._EventSourceResponse, "_send_with_timeout", counted)
+
+    async def events() -> AsyncIterator[ServerSentEvent | bytes]:
+        yield ServerSentEvent(event="start", data="{}")
+        yield b"event: delta\r\ndata: {}\r\n\r\n"
+
+    received: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        received.append(message)
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()
+
+    response = sse.stream_response(events(), Settings(_env_file=None))
+    await response({"type": "http", "method": "GET", "headers": []}, receive, send)
+    assert sent.count("http.response.body") >= 2
+    assert b"event: delta" in b"".join(m.get("body", b"") for m in received)
