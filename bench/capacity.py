@@ -1,7 +1,7 @@
 """Capacity: how many concurrent streams one worker holds, and the memory each open stream costs.
 
 Four processes share the machine's two cores: the fake OpenAI-compatible upstream
-(`bench/upstream.py`, `--ttft-ms` before the first token, then `--tokens` tokens at
+(`bench/harness/upstream.py`, `--ttft-ms` before the first token, then `--tokens` tokens at
 `--tokens-per-second`), the service on SQLite and on PostgreSQL (`chatbot serve`, one worker,
 JWT on, limits out of the way), the LiteLLM proxy from its own venv (`make bench-env`) relaying to
 the same upstream, and this one, the client. `direct` (the upstream called directly) is always
@@ -42,55 +42,45 @@ failing a level is the measurement, not an error: exits non-zero only when the r
 import argparse
 import array
 import asyncio
-import contextlib
-import datetime
 import itertools
 import math
 import os
-import resource
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import _proc_status
-from overhead import (
-    SEQUENTIAL_MODEL,
-    Connection,
+from harness.clients import run_client_loop
+from harness.processes import (
     MachineLoad,
-    Slot,
-    Target,
-    _prepare_ours,
-    _run_loop,
-    _slots,
-)
-from report import fmt, percentiles
-from servers import (
-    DIRECT,
-    LITELLM,
-    OURS,
-    PEERS_VENV,
-    ReplyShape,
-    Server,
-    Servers,
-    comma_list,
     cpu_seconds,
-    is_ours,
+    is_alive,
+    raise_open_files_limit,
+    rss_kib,
+    wait_quiet,
+)
+from harness.report import fmt, measured_at, percentiles
+from harness.scenario import (
+    add_streaming_options,
+    comma_list,
+    finish,
     parse_scenario_args,
     rotated,
     run_scenario,
     scenario_parser,
-    wait_quiet,
 )
+from harness.servers import DIRECT, LITELLM, OURS, Servers, is_ours
+from harness.targets import Slot, Target, make_slots, prepare_conversations
+from harness.upstream import ReplyShape
 
 from chatbot.config import Settings
 
 SCENARIO = "capacity"
 MODEL = "bench-capacity"
-PREPARE_SHAPE = ReplyShape(SEQUENTIAL_MODEL, 10, 200)
-"""The short reply of the turn that titles each conversation before it is used."""
+FIRST_TURN_SHAPE = ReplyShape("bench-sequential", 10, 200)
+"""The short reply of the turn that titles each conversation before it is used (overhead's
+sequential reply)."""
 TURNS_PER_CONVERSATION = 16
 """Measured turns a conversation takes: its history stays inside the window (no summaries)."""
 WARMUP_STREAMS = 10
@@ -125,32 +115,7 @@ def _content_tokens_openai(chunk: bytes) -> int:
 # ---------------------------------------------------------------- processes
 
 
-@dataclass
-class Configuration:
-    target: Target
-    server: Server
-
-    @property
-    def name(self) -> str:
-        return self.target.name
-
-    def pids(self) -> list[int]:
-        return self.server.pids()
-
-
-def _rss_kib(pids: list[int]) -> int:
-    return sum(_proc_status(pid, "VmRSS") or 0 for pid in pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def _quiet(configurations: list[Configuration], timeout_s: float = 60) -> bool:
+async def _quiet(configurations: list[Target], timeout_s: float = 60) -> bool:
     """Wait until every server (all its processes, unlike overhead, which waits for each
     server's main process) is idle: what a phase left to do (the replies' last writes, titles)
     must not land in the next one."""
@@ -158,21 +123,12 @@ async def _quiet(configurations: list[Configuration], timeout_s: float = 60) -> 
     return await wait_quiet(pids, timeout_s)
 
 
-async def _idle_rss_kib(configuration: Configuration) -> int:
+async def _idle_rss_kib(configuration: Target) -> int:
     samples = []
     for _ in range(5):
-        samples.append(_rss_kib(configuration.pids()))
+        samples.append(rss_kib(configuration.pids()))
         await asyncio.sleep(0.2)
     return round(statistics.median(samples))
-
-
-def _raise_open_files_limit() -> int:
-    """Both ends of every stream are sockets on this machine; the servers inherit the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # ---------------------------------------------------------------- one phase
@@ -182,7 +138,7 @@ def _raise_open_files_limit() -> int:
 class Phase:
     """One configuration at one level: N clients, a ramp, a counted window."""
 
-    configuration: Configuration
+    configuration: Target
     streams: int
     counted_from: float
     counted_to: float
@@ -206,13 +162,10 @@ class Phase:
 
 async def _stream(phase: Phase, slot: Slot) -> None:
     """One streamed reply read to its end, its token gaps recorded; StreamError if it fails."""
-    target = phase.configuration.target
-    connection = slot.connections.get(target.name)
-    if connection is None:
-        connection = slot.connections[target.name] = Connection("127.0.0.1", target.port)
+    target = phase.configuration
+    connection = slot.connection(target.name, target.port)
     count = _content_tokens_ours if target.ours else _content_tokens_openai
-    end_marker = target.end_marker
-    error_marker = b"event: error" if target.ours else b'data: {"error"'
+    end_marker, error_marker = target.end_marker, target.error_marker
     path, body, headers = target.request(slot, MODEL)
     gaps, counted_from, counted_to = phase.gaps, phase.counted_from, phase.counted_to
     clock = time.monotonic
@@ -277,7 +230,7 @@ async def _client(phase: Phase, slot: Slot, delay: float, turn_timeout: float) -
             await asyncio.sleep(0.5)
 
 
-async def _sample(phase: Phase, upstream: Configuration) -> None:
+async def _sample(phase: Phase, upstream: Target) -> None:
     """CPU counters at both ends of the window; RSS and open streams every second within it."""
     server_pids, upstream_pids = phase.configuration.pids(), upstream.pids()
     await asyncio.sleep(max(0.0, phase.counted_from - time.monotonic()))
@@ -286,7 +239,7 @@ async def _sample(phase: Phase, upstream: Configuration) -> None:
     tick = started
     while (tick := tick + 1) <= phase.counted_to:
         await asyncio.sleep(max(0.0, tick - time.monotonic()))
-        phase.rss_kib.append(_rss_kib(server_pids))
+        phase.rss_kib.append(rss_kib(server_pids))
         phase.open_samples.append(phase.open_streams)
     await asyncio.sleep(max(0.0, phase.counted_to - time.monotonic()))
     seconds = time.monotonic() - started
@@ -299,8 +252,8 @@ async def _sample(phase: Phase, upstream: Configuration) -> None:
 
 
 async def _phase(
-    configuration: Configuration,
-    upstream: Configuration,
+    configuration: Target,
+    upstream: Target,
     slots: list[Slot],
     shape: ReplyShape,
     args: argparse.Namespace,
@@ -322,8 +275,7 @@ async def _phase(
         )
     finally:
         for slot in slots:
-            if connection := slot.connections.pop(configuration.name, None):
-                connection.close()
+            slot.drop_connection(configuration.name)
     return phase
 
 
@@ -337,21 +289,22 @@ def _conversations_needed(index: int, levels: list[int], turns_per_level: int) -
 
 
 async def _prepare(
-    configuration: Configuration,
+    configuration: Target,
     slots: list[Slot],
     levels: list[int],
     turns_per_level: int,
 ) -> None:
     """Titled conversations for the clients that have none on this configuration yet."""
-    target = configuration.target
-    new = [slot for slot in slots if target.name not in slot.conversations]
+    new = [slot for slot in slots if configuration.name not in slot.conversations]
     for count, group in itertools.groupby(
         new, key=lambda slot: _conversations_needed(slot.index, levels, turns_per_level)
     ):
-        await _prepare_ours([target], list(group), MODEL, per_slot=count)
+        await prepare_conversations(
+            [configuration], list(group), MODEL, count, FIRST_TURN_SHAPE.model
+        )
 
 
-async def _warm_up(configuration: Configuration, slots: list[Slot], shape: ReplyShape) -> int:
+async def _warm_up(configuration: Target, slots: list[Slot], shape: ReplyShape) -> int:
     """A few streams, so that the idle resident set is the one of a server that has served;
     the number that failed."""
     phase = Phase(configuration, len(slots), 0.0, 0.0, shape.tokens)
@@ -366,8 +319,7 @@ async def _warm_up(configuration: Configuration, slots: list[Slot], shape: Reply
             failed += sum(1 for outcome in outcomes if isinstance(outcome, Exception))
     finally:
         for slot in slots:
-            if connection := slot.connections.pop(configuration.name, None):
-                connection.close()
+            slot.drop_connection(configuration.name)
     return failed
 
 
@@ -418,10 +370,10 @@ def _summarize(
 
 
 async def _measure(
-    args: argparse.Namespace, configurations: list[Configuration], secret: str, shape: ReplyShape
+    args: argparse.Namespace, configurations: list[Target], secret: str, shape: ReplyShape
 ) -> dict[str, Any]:
     upstream = next(c for c in configurations if c.name == DIRECT)
-    slots = _slots(max(args.levels), secret, "capacity")
+    slots = make_slots(max(args.levels), secret, "capacity")
     turns_per_level = math.ceil((args.ramp_seconds + args.window_seconds) / shape.seconds(0)) + 1
     idle_kib: dict[str, int] = {}
     warmup_failures: dict[str, int] = {}
@@ -431,7 +383,7 @@ async def _measure(
     try:
         for configuration in configurations:
             # Every client's conversations first: what they leave in memory is part of idle.
-            if configuration.target.ours:
+            if configuration.ours:
                 started = time.monotonic()
                 await _prepare(configuration, slots, args.levels, turns_per_level)
                 print(
@@ -456,16 +408,16 @@ async def _measure(
             levels[str(level)] = {"order": [c.name for c in order], "configurations": {}}
             for configuration in order:
                 quiet = await _quiet(configurations)
-                rss_before_kib = _rss_kib(configuration.pids())
+                rss_before_kib = rss_kib(configuration.pids())
                 phase = await _phase(configuration, upstream, slots[:level], shape, args)
-                if not all(_alive(pid) for pid in (configuration.server.pid, upstream.server.pid)):
+                if not all(is_alive(pid) for pid in (configuration.pid, upstream.pid)):
                     phase.failures.append(("server_exited", "the server died during the phase"))
                 row = _summarize(phase, idle_kib[configuration.name], shape, args)
                 row["quiet_before"] = quiet
                 row["rss_before_mib"] = round(rss_before_kib / 1024, 1)
                 levels[str(level)]["configurations"][configuration.name] = row
                 _progress(configuration.name, row)
-                if not _alive(upstream.server.pid):
+                if not is_alive(upstream.pid):
                     raise RuntimeError("the fake upstream exited during the run")
                 if not row["passed"]:
                     running.remove(configuration)
@@ -618,22 +570,21 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with Servers(
         workdir,
         args.targets,
-        [shape, PREPARE_SHAPE],
+        [shape, FIRST_TURN_SHAPE],
         args.ttft_ms,
         args.database_url,
         args.pg_database,
         args.peers_venv,
     ) as servers:
         configurations = [
-            Configuration(Target.of(server, servers.master_key), server)
-            for server in servers.servers.values()
+            Target.of(server, servers.master_key) for server in servers.servers.values()
         ]
         print(
             f"measuring {', '.join(c.name for c in configurations)} at "
             f"{', '.join(map(str, args.levels))} streams; logs in {workdir}",
             flush=True,
         )
-        measured = _run_loop(_measure(args, configurations, servers.jwt_secret, shape))
+        measured = run_client_loop(_measure(args, configurations, servers.jwt_secret, shape))
         litellm_version = servers.litellm_version()
     levels = measured["levels"]
     names = [configuration.name for configuration in configurations]
@@ -645,7 +596,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 theirs = capacity[LITELLM]
                 ratios[name] = round(capacity[name] / theirs, 2) if theirs else None
     return {
-        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "measured_at": measured_at(),
         "cores": os.cpu_count(),
         "litellm_version": litellm_version,
         "method": {
@@ -685,7 +636,6 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=100, help="tokens in each reply")
     parser.add_argument("--tokens-per-second", type=float, default=20, help="pace of each reply")
-    parser.add_argument("--ttft-ms", type=float, default=50, help="the upstream's wait")
     parser.add_argument(
         "--window-seconds", type=float, default=10, help="counted time at each level"
     )
@@ -704,18 +654,15 @@ def main() -> None:
         default=None,
         help="also require a p95 time to first token at most this (off by default)",
     )
-    parser.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
+    add_streaming_options(parser)
     args = parse_scenario_args(parser)
     args.levels = sorted(set(args.levels))
     if not args.levels or args.levels[0] < 1:
         parser.error("--levels: at least one level, each at least 1")
-    args.open_files_limit = _raise_open_files_limit()
+    args.open_files_limit = raise_open_files_limit()
 
     _, workdir = run_scenario(SCENARIO, "capacity", args, run, _markdown)
-    if args.keep:
-        print(f"logs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finish(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,9 @@ of the JSON request as the client sees it, and the turn's `latency_ms` as the se
 Writes its part of bench/results/latest.json (key "growth") and of latest.md.
 """
 
-import argparse
 import asyncio
-import datetime
-import os
+import math
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -28,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness.databases import database_kind, prepare_database
+from harness.processes import free_ports, stop, wait_for_http
+from harness.report import measured_at, met_lines, percentiles, publish
+from harness.scenario import add_result_options, script_parser
+from harness.servers import service_env, start_service
+from harness.upstream import BenchUpstream, ReplyShape
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from chatbot.conversations.models import Conversation
+from chatbot.db import create_engine, create_sessionmaker, migrate, utcnow
+from chatbot.messages.models import Message, MessageStatus, Role
 
-from loadtest import _free_ports, _prepare_database, _stop, _wait_ready  # noqa: E402
-from report import LATEST_JSON, LATEST_MARKDOWN, percentiles, publish  # noqa: E402
-from tests.fake_upstream import UTILITY_MODEL, FakeUpstream, Reply  # noqa: E402
-
-from chatbot.conversations.models import Conversation  # noqa: E402
-from chatbot.db import create_engine, create_sessionmaker, migrate, utcnow  # noqa: E402
-from chatbot.messages.models import Message, MessageStatus, Role  # noqa: E402
-
-REPLY = [" word"] * 20
+REPLY = ReplyShape("bench-growth", 20, math.inf)
+"""The upstream answers at once, the whole reply in one go: what is timed is the service."""
+SUMMARY_TOKENS = ("A", " summary.")
 SCENARIO = "growth"
 
 
@@ -90,33 +87,20 @@ async def _seed(database_url: str, sizes: list[int]) -> list[str]:
 
 async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
-        database_url = await _prepare_database(database, "chatbot_bench", Path(workdir))
+        database_url = await prepare_database(database, "chatbot_bench", Path(workdir), "growth")
         conversation_ids = await _seed(database_url, sizes)
-        upstream = await FakeUpstream(Reply(tokens=REPLY)).start()
-        upstream.utility_default = Reply(tokens=["A", " summary."])
-        port = _free_ports(1)[0]
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "CHATBOT_AUTO_MIGRATE": "false",
-            "OPENAI_BASE_URL": upstream.base_url,
-            "OPENAI_API_KEY": "bench",
-            "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
-            "CHATBOT_PORT": str(port),
-            "CHATBOT_LOG_LEVEL": "WARNING",
-            "CHATBOT_AUTH": "none",
-            "CHATBOT_RATE_LIMIT": "",  # one client sending turns back to back is not abuse
-        }
-        # Started once, before anything is timed.
-        server = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "chatbot", "serve"], env=env, cwd=ROOT
-        )
+        # In this process: its event loop idles while the client waits for each turn.
+        upstream = await BenchUpstream([REPLY], 0, utility_tokens=SUMMARY_TOKENS).start()
+        port = free_ports(1)[0]
+        env = service_env(database_url, upstream.port, port, None, "WARNING")
+        env["CHATBOT_RATE_LIMIT"] = ""  # one client sending turns back to back is not abuse
+        server = start_service(env)  # started once, before anything is timed
         timings: dict[int, list[float]] = {size: [] for size in sizes}
         server_timings: dict[int, list[float]] = {size: [] for size in sizes}
         try:
             base_url = f"http://127.0.0.1:{port}"
             # In a thread: the fake upstream answers from this event loop.
-            await asyncio.to_thread(_wait_ready, base_url, server)
+            await asyncio.to_thread(wait_for_http, f"{base_url}/readyz", server, "the service", 60)
             async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
                 for round_number in range(turns + 20):
                     for size, conversation_id in zip(sizes, conversation_ids, strict=True):
@@ -133,7 +117,7 @@ async def run(database: str, turns: int, sizes: list[int]) -> dict[str, Any]:
                             server_timings[size].append(float(stored))
                         await asyncio.sleep(0.005)  # let the chores of the turn run
         finally:
-            _stop(server)
+            stop(server)
             await upstream.stop()
     medians = {size: statistics.median(values) for size, values in timings.items()}
     server = {size: statistics.median(values) for size, values in server_timings.items()}
@@ -171,16 +155,12 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"| {server['p50']:.0f} ms | {row['ratio_to_smallest'][str(size)]:.2f} "
                 f"| {row['server_ratio_to_smallest'][str(size)]:.2f} |"
             )
-    lines.append("")
-    for name, met in result["targets_met"].items():
-        lines.append(f"- {name}: {'met' if met else 'NOT met'}")
+    lines += ["", *met_lines(result["targets_met"])]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--databases",
         default="sqlite,postgresql://postgres@127.0.0.1:5432/postgres",
@@ -188,18 +168,17 @@ def main() -> None:
     )
     parser.add_argument("--turns", type=int, default=150)
     parser.add_argument("--sizes", default="10,1000,10000")
-    parser.add_argument("--output", type=Path, default=LATEST_JSON)
-    parser.add_argument("--markdown", type=Path, default=LATEST_MARKDOWN)
+    add_result_options(parser)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     databases = {}
     for database in args.databases.split(","):
-        name = "sqlite" if database == "sqlite" else "postgresql"
+        name = database_kind(database)
         print(f"{name}: {len(sizes)} conversations, {args.turns} turns each", flush=True)
         databases[name] = asyncio.run(run(database, args.turns, sizes))
     largest = str(sizes[-1])
     result = {
-        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "measured_at": measured_at(),
         "sizes": sizes,
         "turns": args.turns,
         "databases": databases,

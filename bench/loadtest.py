@@ -1,6 +1,6 @@
 """Load test: many concurrent streaming conversations, then a row-by-row check of the database.
 
-Three processes: the fake OpenAI-compatible upstream (`tests/fake_upstream.py`, each reply
+Three processes: the fake OpenAI-compatible upstream (`bench/harness/upstream.py`, each reply
 `--tokens` tokens at `--tokens-per-second`), the service (`chatbot serve`, default limits, one
 user per conversation signed with the service's JWT secret) and this one, the load generator.
 Each of `--streams` workers creates a conversation, then sends messages with unique texts one
@@ -16,41 +16,37 @@ Exits non-zero on any error, any lost message, or when the concurrency target is
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
-import jwt
-from sqlalchemy import make_url, select
+from harness.clients import RawStream, sse_events, user_token
+from harness.databases import SQLITE, database_kind
+from harness.processes import cpu_seconds, status_kib
+from harness.report import percentiles, write_json
+from harness.scenario import finish, script_parser
+from harness.servers import DIRECT, Servers
+from harness.upstream import ReplyShape
+from sqlalchemy import select
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from chatbot.conversations.models import Conversation
+from chatbot.db import create_engine
+from chatbot.messages.models import Message, MessageStatus, Role
 
-from tests.fake_upstream import UTILITY_MODEL  # noqa: E402
+REPLY_MODEL = "fake-model"
+"""The name the upstream gives its replies: the service asks for its default model, which the
+upstream answers with its only shape."""
 
-from chatbot.conversations.models import Conversation  # noqa: E402
-from chatbot.db import create_engine  # noqa: E402
-from chatbot.messages.models import Message, MessageStatus, Role  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # A new log record: the service's own format starts with the date, uvicorn's with the level.
 _LOG_RECORD = re.compile(r"^(\d{4}-\d\d-\d\d |[A-Z]+:\s)")
 _ERROR_RECORD = re.compile(r"^(\S+ \S+ (ERROR|CRITICAL) |(ERROR|CRITICAL):\s)")
@@ -91,131 +87,7 @@ class LoadState:
         self.errors.append({"kind": kind, "worker": worker, "detail": detail[:500], **extra})
 
 
-# ---------------------------------------------------------------- processes
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: all held open together while they are picked, or the kernel may
-    hand out one port twice, and the generator then talks to the upstream, not the service."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on port {port}")
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode} during start-up")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("the service did not become ready")
-
-
-def _stop(
-    process: subprocess.Popen[bytes] | None,
-    grace_seconds: float = 30,
-    stop_signal: signal.Signals = signal.SIGTERM,
-) -> None:
-    """Terminate, then kill what does not stop in time."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(stop_signal)
-    try:
-        process.wait(timeout=grace_seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _service_env(
-    database_url: str, upstream_port: int, port: int, jwt_secret: str, log_level: str
-) -> dict[str, str]:
-    """The environment of `chatbot serve` on a loopback port, JWT on, relaying to the fake
-    upstream on `upstream_port`; a Redis of this environment is left out."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "CHATBOT_AUTO_MIGRATE": "false",
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
-        "OPENAI_API_KEY": "bench",
-        "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
-        "CHATBOT_JWT_SECRET": jwt_secret,
-        "CHATBOT_AUTH": "jwt",
-        "CHATBOT_HOST": "127.0.0.1",
-        "CHATBOT_PORT": str(port),
-        "CHATBOT_LOG_LEVEL": log_level,
-    }
-    env.pop("REDIS_URL", None)
-    return env
-
-
-def _migrate(env: dict[str, str]) -> None:
-    """`chatbot migrate` on the database of `env`, before the service starts."""
-    subprocess.run(
-        [sys.executable, "-m", "chatbot", "migrate"],
-        env=env,
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-
-
-def _user_token(secret: str, subject: str, lifetime_s: float = 3 * 3600) -> str:
-    """A JWT for the user `subject`, as the service started with `secret` accepts it."""
-    now = int(time.time())
-    return jwt.encode(
-        {"sub": subject, "iat": now, "exp": now + lifetime_s}, secret, algorithm="HS256"
-    )
-
-
-def _proc_status(pid: int, key: str) -> int | None:
-    """A `kB` figure from /proc/<pid>/status (VmHWM is the peak resident set)."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _cpu_seconds(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-    return 0.0
-
-
 # ---------------------------------------------------------------- database
-
-
-async def _prepare_database(target: str, pg_database: str, workdir: Path) -> str:
-    if target == "sqlite":
-        return f"sqlite+aiosqlite:///{workdir}/loadtest.db"
-    url = make_url(target)
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    connection = await asyncpg.connect(admin)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{pg_database}" WITH (FORCE)')
-        await connection.execute(f'CREATE DATABASE "{pg_database}"')
-    finally:
-        await connection.close()
-    service_url = url.set(drivername="postgresql+asyncpg", database=pg_database)
-    return service_url.render_as_string(hide_password=False)
 
 
 async def _settled(database_url: str, timeout_seconds: float) -> bool:
@@ -337,72 +209,6 @@ async def _check_database(database_url: str, state: LoadState, reply_tokens: int
 # ---------------------------------------------------------------- load
 
 
-def _events(buffer: bytearray) -> list[tuple[str, str]]:
-    """Take the complete events off the front of `buffer`: (event name, data) pairs."""
-    normalized = bytes(buffer).replace(b"\r\n", b"\n")
-    *complete, rest = normalized.split(b"\n\n")
-    buffer[:] = rest
-    events = []
-    for block in complete:
-        name, data = "message", []
-        for line in block.decode().split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
-
-
-class RawStream:
-    """One keep-alive HTTP/1.1 connection that POSTs and reads a chunked body as it arrives.
-
-    The generator shares the machine's cores with the service: httpx's pure-Python HTTP parsing
-    of 500 event streams cost it as much CPU as the service spent serving them, and starved it.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
-        if self._writer is None or self._writer.is_closing():
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
-        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self._writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{lines}\r\n".encode()
-            + body
-        )
-        status = int((await self._reader.readline()).split()[1])
-        self._chunked, self._length = False, 0
-        while (line := await self._reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "transfer-encoding" and "chunked" in value.lower():
-                self._chunked = True
-            elif name.lower() == "content-length":
-                self._length = int(value)
-        return status
-
-    async def body(self) -> AsyncIterator[bytes]:
-        assert self._reader is not None
-        if not self._chunked:
-            yield await self._reader.readexactly(self._length)
-            return
-        while size := int((await self._reader.readline()).split(b";")[0], 16):
-            yield await self._reader.readexactly(size)
-            await self._reader.readexactly(2)
-        await self._reader.readline()  # the blank line after the last chunk
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
 async def _turn(
     client: RawStream, state: LoadState, worker: int, token: str, turn: TurnRecord
 ) -> None:
@@ -424,7 +230,7 @@ async def _turn(
         buffer = bytearray()
         async for chunk in client.body():
             buffer += chunk
-            for name, data in _events(buffer):
+            for name, data in sse_events(buffer):
                 payload = json.loads(data)
                 if name == "start":
                     turn.user_message_id = payload["user_message"]["id"]
@@ -508,12 +314,12 @@ async def _work(
 
 
 async def _sample(state: LoadState, service_pid: int) -> None:
-    last_at, last_cpu = time.monotonic(), _cpu_seconds(service_pid)
+    last_at, last_cpu = time.monotonic(), cpu_seconds([service_pid])
     while True:
         now = time.monotonic()
         state.samples.append((now, state.open_streams))
         if now - last_at >= 1:
-            cpu = _cpu_seconds(service_pid)
+            cpu = cpu_seconds([service_pid])
             state.service_cpu.append((now, (cpu - last_cpu) / (now - last_at)))
             last_at, last_cpu = now, cpu
         await asyncio.sleep(0.1)
@@ -524,7 +330,7 @@ async def _load(
 ) -> None:
     lifetime = args.ramp_seconds + args.duration + 3600
     tokens = [
-        _user_token(secret, f"loadtest-user-{worker}", lifetime) for worker in range(args.streams)
+        user_token(secret, f"loadtest-user-{worker}", lifetime) for worker in range(args.streams)
     ]
     timeout = httpx.Timeout(args.turn_timeout, connect=30, pool=None)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.streams)
@@ -541,18 +347,6 @@ async def _load(
 
 
 # ---------------------------------------------------------------- report
-
-
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if len(values) < 2:
-        return {"p50": None, "p95": None, "p99": None, "max": max(values, default=None)}
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {
-        "p50": round(cuts[49], 1),
-        "p95": round(cuts[94], 1),
-        "p99": round(cuts[98], 1),
-        "max": round(max(values), 1),
-    }
 
 
 def _service_log_errors(log_path: Path) -> list[str]:
@@ -584,7 +378,7 @@ def _summary(
     held = [count for at, count in state.samples if hold_start <= at <= state.stop_at]
     busy = [share for at, share in state.service_cpu if hold_start <= at <= state.stop_at]
     return {
-        "database": "sqlite" if args.database == "sqlite" else "postgresql",
+        "database": database_kind(args.database),
         "streams": args.streams,
         "duration_s": args.duration,
         "ramp_s": args.ramp_seconds,
@@ -603,8 +397,8 @@ def _summary(
         "db_mismatches": len(check["mismatches"]),
         "db_rows": check["rows"],
         "service_log_errors": len(service_errors),
-        "ttft_ms": _percentiles([t.ttft_ms for t in completed if t.ttft_ms is not None]),
-        "turn_ms": _percentiles([t.turn_ms for t in completed if t.turn_ms is not None]),
+        "ttft_ms": percentiles([t.ttft_ms for t in completed if t.ttft_ms is not None], 1, True),
+        "turn_ms": percentiles([t.turn_ms for t in completed if t.turn_ms is not None], 1, True),
         "peak_in_flight_turns": state.peak_in_flight,
         "peak_open_streams": state.peak_open_streams,
         "open_streams_during_hold": {
@@ -623,80 +417,52 @@ def _summary(
 
 
 def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], list[str]]:
-    database_url = asyncio.run(_prepare_database(args.database, args.pg_database, workdir))
-    secret = secrets.token_urlsafe(48)
-    upstream_port, service_port = _free_ports(2)
-    env = _service_env(database_url, upstream_port, service_port, secret, args.log_level)
-    _migrate(env)
-    upstream: subprocess.Popen[bytes] | None = None
-    service: subprocess.Popen[bytes] | None = None
-    service_log = workdir / "service.log"
-    try:
-        with (workdir / "upstream.log").open("wb") as upstream_out:
-            upstream = subprocess.Popen(  # noqa: S603
-                [
-                    sys.executable,
-                    str(ROOT / "tests" / "fake_upstream.py"),
-                    "--port",
-                    str(upstream_port),
-                    "--tokens-per-second",
-                    str(args.tokens_per_second),
-                    "--reply-tokens",
-                    str(args.tokens),
-                ],
-                stdout=upstream_out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        _wait_for_port(upstream_port, upstream, "the fake upstream")
-        with service_log.open("wb") as service_out:
-            command = [sys.executable, "-m", "chatbot", "serve"]
-            if args.profile_service:
-                command[1:1] = ["-m", "cProfile", "-o", str(args.profile_service)]
-            service = subprocess.Popen(  # noqa: S603
-                command,
-                env=env,
-                stdout=service_out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        base_url = f"http://127.0.0.1:{service_port}"
-        _wait_ready(base_url, service)
+    name = "ours-sqlite" if args.database == SQLITE else "ours-postgres"
+    shape = ReplyShape(REPLY_MODEL, args.tokens, args.tokens_per_second)
+    with Servers(
+        workdir,
+        [name],
+        [shape],
+        0,
+        args.database,
+        args.pg_database,
+        service_settings={},  # the service's own limits: this is how it runs in production
+        log_level=args.log_level,
+        service_profile=args.profile_service,
+    ) as servers:
+        service, upstream = servers.servers[name], servers.servers[DIRECT]
+        database_url = servers.database_urls[name]
+        base_url = f"http://127.0.0.1:{service.port}"
         print(
             f"load: {args.streams} streams for {args.duration:g} s (ramp {args.ramp_seconds:g} s)"
             f" on {database_url.split(':', 1)[0]}; logs in {workdir}",
             flush=True,
         )
-        expected = "".join(f" token{index}" for index in range(args.tokens))
         started = time.monotonic()
         state = LoadState(
-            expected,
+            shape.text(),
             stop_at=started + args.ramp_seconds + args.duration,
             turn_timeout=args.turn_timeout,
         )
-        cpu_before = _cpu_seconds(service.pid), _cpu_seconds(upstream.pid), time.process_time()
-        asyncio.run(_load(args, base_url, secret, state, service.pid))
+        cpu_before = cpu_seconds([service.pid]), cpu_seconds([upstream.pid]), time.process_time()
+        asyncio.run(_load(args, base_url, servers.jwt_secret, state, service.pid))
         load_seconds = time.monotonic() - started
-        cpu_after = _cpu_seconds(service.pid), _cpu_seconds(upstream.pid), time.process_time()
+        cpu_after = cpu_seconds([service.pid]), cpu_seconds([upstream.pid]), time.process_time()
         settled = asyncio.run(_settled(database_url, args.settle_timeout))
         if not settled:
             state.error("not_settled", -1, "replies still in progress after the load stopped")
         time.sleep(1)  # let the last chores (titles, summaries) land
-        peak_rss_kb = _proc_status(service.pid, "VmHWM")
-        if service.poll() is not None:
-            state.error("service_died", -1, f"exit code {service.returncode}")
+        peak_rss_kb = status_kib(service.pid, "VmHWM")
+        if (exit_code := servers.exit_code(name)) is not None:
+            state.error("service_died", -1, f"exit code {exit_code}")
         check = asyncio.run(_check_database(database_url, state, args.tokens))
-    finally:
-        # cProfile writes its stats on KeyboardInterrupt, not when SIGTERM ends the process.
-        _stop(service, stop_signal=signal.SIGINT if args.profile_service else signal.SIGTERM)
-        _stop(upstream, grace_seconds=5)
     cpu = [round(after - before, 1) for before, after in zip(cpu_before, cpu_after, strict=True)]
     resources = {
         "service_peak_rss_mb": round(peak_rss_kb / 1024, 1) if peak_rss_kb else None,
         "cpu_s": {"service": cpu[0], "fake_upstream": cpu[1], "load_generator": cpu[2]},
         "cores": os.cpu_count(),
     }
-    service_errors = _service_log_errors(service_log)
+    service_errors = _service_log_errors(servers.log_path(name))
     result = _summary(args, state, check, load_seconds, resources, service_errors)
     problems = [
         *(f"error: {json.dumps(error)}" for error in state.errors),
@@ -710,9 +476,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], list[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--streams", type=int, default=500, help="concurrent conversations")
     parser.add_argument("--duration", type=float, default=60, help="seconds at full load")
     parser.add_argument("--ramp-seconds", type=float, default=20, help="to start every worker")
@@ -736,21 +500,18 @@ def main() -> None:
     result, problems = run(args, workdir)
     print(json.dumps(result, indent=2))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)
     if problems:
         (workdir / "problems.txt").write_text("\n".join(problems) + "\n")
         for line in problems[:20]:
             print(line, file=sys.stderr)
         more = f" ({len(problems) - 20} more)" if len(problems) > 20 else ""
-        print(f"FAILED: {len(problems)} problems{more}; logs kept in {workdir}", file=sys.stderr)
-        sys.exit(1)
+        finish(workdir, args.keep, f"{len(problems)} problems{more}")
     print(
         f"OK: {result['turns_completed']} turns, {result['errors']} errors, "
         f"{result['lost_messages']} lost, peak {result['peak_open_streams']} open streams"
     )
-    if not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finish(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Overhead on time to first token: ours and LiteLLM against the upstream called directly.
 
-Five processes: the fake OpenAI-compatible upstream (`bench/upstream.py`, `--ttft-ms` before the
-first token), the service on SQLite and on PostgreSQL (`chatbot serve`, JWT on, limits out of
-the way), the LiteLLM proxy from its own venv (`make bench-env`) relaying to the same upstream,
-and this one, the client. The client reads every stream over its own lean HTTP/1.1 connection
-and stops the clock at the first content delta: an OpenAI chunk with content for the upstream
-and LiteLLM, the first `delta` event for ours (POST .../messages, pre-created conversations).
+Five processes: the fake OpenAI-compatible upstream (`bench/harness/upstream.py`, `--ttft-ms`
+before the first token), the service on SQLite and on PostgreSQL (`chatbot serve`, JWT on,
+limits out of the way), the LiteLLM proxy from its own venv (`make bench-env`) relaying to the
+same upstream, and this one, the client. The client reads every stream over its own lean
+HTTP/1.1 connection and stops the clock at the first content delta: an OpenAI chunk with
+content for the upstream and LiteLLM, the first `delta` event for ours (POST .../messages,
+pre-created conversations).
 
 - Sequential: one stream at a time, short replies; each round sends one request to every
   configuration, in an order that rotates from round to round. Added = TTFT of the
@@ -28,45 +29,31 @@ Exits non-zero when a request fails.
 import argparse
 import asyncio
 import contextlib
-import datetime
-import json
 import os
-import shutil
 import statistics
-import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
-from loadtest import CLOCK_TICKS, RawStream, _cpu_seconds, _events, _user_token
-from report import fmt, percentiles
-from servers import (
-    DIRECT,
-    LITELLM,
-    OURS,
-    PEERS_VENV,
-    ReplyShape,
-    Server,
-    Servers,
+from harness.clients import TurnError, run_client_loop, sse_events
+from harness.processes import MachineLoad, cpu_seconds, wait_quiet
+from harness.report import fmt, measured_at, met_lines, percentiles
+from harness.scenario import (
+    add_streaming_options,
     comma_list,
-    is_ours,
+    finish,
     parse_scenario_args,
     rotated,
     run_scenario,
     scenario_parser,
-    wait_quiet,
 )
+from harness.servers import DIRECT, LITELLM, OURS, Servers
+from harness.targets import Slot, Target, make_slots, prepare_conversations
+from harness.upstream import ReplyShape
 
 SEQUENTIAL_MODEL = "bench-sequential"
 SCENARIO = "ttft_overhead"
-T = TypeVar("T")
-
-
-class TurnError(Exception):
-    pass
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, ReplyShape]:
@@ -84,91 +71,9 @@ def _shapes(args: argparse.Namespace) -> dict[str, ReplyShape]:
     return shapes
 
 
-class Connection(RawStream):
-    async def open(self) -> None:
-        """Connect before the clock starts: the first time, or again after the server closed
-        the connection for being idle (uvicorn does after 5 s, between phases)."""
-        if self._reader is not None and self._reader.at_eof():
-            self.close()
-        if self._writer is None or self._writer.is_closing():
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-
-
-@dataclass
-class Target:
-    name: str
-    port: int
-    pid: int
-    """The process that serves it (the upstream itself for `direct`)."""
-    ours: bool
-    master_key: str | None = None
-
-    @classmethod
-    def of(cls, server: Server, master_key: str) -> "Target":
-        """How to reach a started server: ours as a user, LiteLLM with its master key."""
-        return cls(
-            server.name,
-            server.port,
-            server.pid,
-            ours=is_ours(server.name),
-            master_key=master_key if server.name == LITELLM else None,
-        )
-
-    def request(self, slot: "Slot", model: str) -> tuple[str, bytes, dict[str, str]]:
-        turn = slot.turns[self.name] = slot.turns.get(self.name, 0) + 1
-        content = f"client {slot.index} turn {turn}: how far is the moon?"
-        if self.ours:
-            # In turn through the client's conversations, so that each stays short.
-            conversations = slot.conversations[self.name]
-            conversation_id = conversations[turn % len(conversations)]
-            return (
-                f"/v1/conversations/{conversation_id}/messages",
-                json.dumps({"content": content}).encode(),
-                {"Authorization": f"Bearer {slot.token}", "Accept": "text/event-stream"},
-            )
-        headers = {"Accept": "text/event-stream"}
-        if self.master_key:
-            headers["Authorization"] = f"Bearer {self.master_key}"
-        body = {
-            "model": model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": content}],
-        }
-        return "/v1/chat/completions", json.dumps(body).encode(), headers
-
-    def first_token(self, name: str, data: str) -> bool:
-        if self.ours:
-            return name == "delta"
-        if data == "[DONE]":
-            return False
-        choices = json.loads(data).get("choices") or [{}]
-        return bool(choices[0].get("delta", {}).get("content"))
-
-    @property
-    def end_marker(self) -> bytes:
-        return b"event: done" if self.ours else b"data: [DONE]"
-
-
-@dataclass
-class Slot:
-    """One client: its user, its conversations on each database, its connections."""
-
-    index: int
-    token: str
-    conversations: dict[str, list[str]] = field(default_factory=dict)
-    connections: dict[str, Connection] = field(default_factory=dict)
-    turns: dict[str, int] = field(default_factory=dict)
-    """Requests sent so far, by configuration."""
-
-    def close(self) -> None:
-        for connection in self.connections.values():
-            connection.close()
-
-
 async def _turn(target: Target, slot: Slot, model: str) -> float:
     """One streamed request read to its end; the milliseconds to its first content."""
-    connection = slot.connections.setdefault(target.name, Connection("127.0.0.1", target.port))
+    connection = slot.connection(target.name, target.port)
     path, body, headers = target.request(slot, model)
     try:
         await connection.open()
@@ -185,7 +90,7 @@ async def _turn(target: Target, slot: Slot, model: str) -> float:
             if ttft_ms is None:
                 arrived = time.perf_counter()
                 buffer += chunk
-                if any(target.first_token(name, data) for name, data in _events(buffer)):
+                if any(target.first_token(name, data) for name, data in sse_events(buffer)):
                     ttft_ms = (arrived - started) * 1000
             window = previous[-32:] + chunk
             ended = ended or target.end_marker in window
@@ -201,32 +106,7 @@ async def _turn(target: Target, slot: Slot, model: str) -> float:
 
 def _cpu(targets: list[Target]) -> dict[str, float]:
     """CPU seconds each server has used so far, and when ("at")."""
-    return {"at": time.monotonic()} | {target.name: _cpu_seconds(target.pid) for target in targets}
-
-
-class MachineLoad:
-    """How busy the whole machine and this client were over a stretch: the noise around it."""
-
-    def __init__(self) -> None:
-        self.started, self.stat, self.client = time.monotonic(), _stat(), time.process_time()
-
-    def report(self) -> dict[str, float]:
-        seconds = time.monotonic() - self.started
-        stat = _stat()
-        busy, steal = (stat[key] - self.stat[key] for key in ("busy", "steal"))
-        return {
-            "cores_busy": round(busy / CLOCK_TICKS / seconds, 2),
-            "cores_stolen_by_host": round(steal / CLOCK_TICKS / seconds, 2),
-            "client_cores": round((time.process_time() - self.client) / seconds, 2),
-        }
-
-
-def _stat() -> dict[str, int]:
-    """Clock ticks the machine spent busy (steal included) and stolen, from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]
-    )
-    return {"busy": user + nice + system + irq + softirq + steal, "steal": steal}
+    return {"at": time.monotonic()} | {target.name: cpu_seconds([target.pid]) for target in targets}
 
 
 # ---------------------------------------------------------------- levels
@@ -431,47 +311,6 @@ def _ratios(level: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     return ratios
 
 
-# ---------------------------------------------------------------- ours: users, conversations
-
-
-def _slots(count: int, secret: str, prefix: str) -> list[Slot]:
-    return [Slot(index, _user_token(secret, f"bench-{prefix}-{index}")) for index in range(count)]
-
-
-async def _prepare_ours(
-    targets: list[Target], slots: list[Slot], model: str, per_slot: int
-) -> None:
-    """Conversations for every client on every database, each already titled by one turn
-    (the title is a chore of the first exchange only), so that measured turns are typical."""
-    for target in targets:
-        if target.ours:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{target.port}",
-                timeout=60,
-                limits=httpx.Limits(max_connections=25),
-            ) as client:
-                await asyncio.gather(
-                    *(_conversations(client, target, slot, model, per_slot) for slot in slots)
-                )
-
-
-async def _conversations(
-    client: httpx.AsyncClient, target: Target, slot: Slot, model: str, count: int
-) -> None:
-    headers = {"Authorization": f"Bearer {slot.token}"}
-    ids = slot.conversations.setdefault(target.name, [])
-    for _ in range(count):
-        response = await client.post("/v1/conversations", json={"model": model}, headers=headers)
-        response.raise_for_status()
-        ids.append(response.json()["id"])
-        response = await client.post(
-            f"/v1/conversations/{ids[-1]}/messages",
-            json={"content": "hello", "model": SEQUENTIAL_MODEL},
-            headers=headers,
-        )
-        response.raise_for_status()
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -511,9 +350,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"| {'-' if ratio is None else f'{ratio:.2f}'} | {cpu} | {row['samples']} "
                 f"| {row['errors']} |"
             )
-    lines.append("")
-    for name, met in result["targets_met"].items():
-        lines.append(f"- {name}: {'met' if met else 'NOT met'}")
+    lines += ["", *met_lines(result["targets_met"])]
     return "\n".join(lines) + "\n"
 
 
@@ -556,13 +393,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ) as servers:
         targets = [Target.of(server, servers.master_key) for server in servers.servers.values()]
         print(f"measuring {', '.join(t.name for t in targets)}; logs in {workdir}", flush=True)
-        levels = _run_loop(_measure(args, targets, servers.jwt_secret, shapes))
+        levels = run_client_loop(_measure(args, targets, servers.jwt_secret, shapes))
         servers.check_alive()
         litellm_version = servers.litellm_version()
     for level in levels.values():
         level["ratio_ours_to_litellm"] = _ratios(level)
     return {
-        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "measured_at": measured_at(),
         "cores": os.cpu_count(),
         "litellm_version": litellm_version,
         "upstream": {
@@ -579,12 +416,12 @@ async def _measure(
     args: argparse.Namespace, targets: list[Target], secret: str, shapes: dict[str, ReplyShape]
 ) -> dict[str, dict[str, Any]]:
     levels: dict[str, dict[str, Any]] = {}
-    sequential = _slots(1, secret, "sequential")
+    sequential = make_slots(1, secret, "sequential")
     # Several conversations, so that none grows past the history window during the run.
-    await _prepare_ours(targets, sequential, SEQUENTIAL_MODEL, per_slot=8)
-    clients = {level: _slots(level, secret, f"c{level}") for level in args.levels}
+    await prepare_conversations(targets, sequential, SEQUENTIAL_MODEL, 8, SEQUENTIAL_MODEL)
+    clients = {level: make_slots(level, secret, f"c{level}") for level in args.levels}
     for level, slots in clients.items():
-        await _prepare_ours(targets, slots, shapes[str(level)].model, per_slot=1)
+        await prepare_conversations(targets, slots, shapes[str(level)].model, 1, SEQUENTIAL_MODEL)
     # The titles of the new conversations are written after their replies.
     await wait_quiet([target.pid for target in targets])
     try:
@@ -627,18 +464,10 @@ def _progress(level: dict[str, Any]) -> None:
         )
 
 
-def _run_loop(main: Coroutine[Any, Any, T]) -> T:
-    try:
-        from uvloop import run  # a lean client: the service's own event loop
-    except ImportError:
-        from asyncio import run
-    return run(main)
-
-
 def main() -> None:
     parser = scenario_parser(__doc__, "chatbot_bench_overhead", [DIRECT, *OURS, LITELLM])
     parser.add_argument("--levels", type=comma_list(int), default=[50, 200])
-    parser.add_argument("--ttft-ms", type=float, default=50, help="the upstream's wait")
+    add_streaming_options(parser)
     parser.add_argument(
         "--sequential-reply", default="10:200", help="TOKENS:PER_SECOND of sequential replies"
     )
@@ -657,18 +486,13 @@ def main() -> None:
     parser.add_argument(
         "--window-seconds", type=float, default=4, help="counted time of each phase"
     )
-    parser.add_argument("--peers-venv", type=Path, default=PEERS_VENV)
     args = parse_scenario_args(parser)
 
     result, workdir = run_scenario(SCENARIO, "overhead", args, run, _markdown)
     errors = sum(
         row["errors"] for level in result["levels"].values() for row in level["targets"].values()
     )
-    if errors:
-        print(f"FAILED: {errors} requests failed; logs kept in {workdir}", file=sys.stderr)
-        sys.exit(1)
-    if not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finish(workdir, args.keep, f"{errors} requests failed" if errors else None)
 
 
 if __name__ == "__main__":

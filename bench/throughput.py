@@ -1,11 +1,11 @@
 """Throughput: completed JSON turns a second at 64 concurrent clients, with an instant upstream.
 
-The fake upstream (`bench/upstream.py`) answers at once: no wait before the first token, the
-whole reply in one go. What is left is the cost of a turn to the service itself: the request,
-its checks, the claim of the conversation, the history, the two stored messages, the call to the
-model, the stored reply. Configurations: the service on SQLite and on PostgreSQL, with one
-worker process and with two (`--workers 2`), and the upstream called directly (the limit of
-this machine with this client).
+The fake upstream (`bench/harness/upstream.py`) answers at once: no wait before the first
+token, the whole reply in one go. What is left is the cost of a turn to the service itself:
+the request, its checks, the claim of the conversation, the history, the two stored messages,
+the call to the model, the stored reply. Configurations: the service on SQLite and on
+PostgreSQL, with one worker process and with two (`--workers 2`), and the upstream called
+directly (the limit of this machine with this client).
 
 Each client is a user of its own: it opens a conversation with a first turn (`POST /v1/chat`,
 titled, so no title is generated), sends `--turns-per-conversation` turns into it (`POST
@@ -25,53 +25,33 @@ Exits non-zero when a turn fails.
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import RawStream, _user_token
-from overhead import MachineLoad, _run_loop
-from report import percentiles
-from servers import (
-    DIRECT,
-    ReplyShape,
-    Server,
-    Servers,
-    cpu_seconds,
-    is_ours,
-    parse_scenario_args,
-    rotated,
-    run_scenario,
-    scenario_parser,
-)
+from harness.clients import TurnError, run_client_loop, user_token
+from harness.processes import MachineLoad, cpu_seconds
+from harness.report import measured_at, percentiles
+from harness.scenario import finish, parse_scenario_args, rotated, run_scenario, scenario_parser
+from harness.servers import DIRECT, Server, Servers, is_ours
+from harness.targets import Slot
+from harness.upstream import ReplyShape
 
 SCENARIO = "throughput"
 MODEL = "bench-instant"
 CONFIGURATIONS = [DIRECT, "ours-sqlite", "ours-sqlite-x2", "ours-postgres", "ours-postgres-x2"]
 
 
-class TurnError(Exception):
-    pass
-
-
 @dataclass
-class Client:
-    index: int
-    token: str
-    connections: dict[str, RawStream] = field(default_factory=dict)
-    conversation: dict[str, str | None] = field(default_factory=dict)
-    turns: dict[str, int] = field(default_factory=dict)
+class Client(Slot):
+    """A client of its own user, with the conversation it is filling on each configuration
+    (None: the next turn opens a new one)."""
 
-    def close(self) -> None:
-        for connection in self.connections.values():
-            connection.close()
+    conversation: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,7 +78,7 @@ def _request(server: Server, client: Client, turns_per_conversation: int) -> tup
 
 
 async def _turn(server: Server, client: Client, turns_per_conversation: int) -> None:
-    connection = client.connections.setdefault(server.name, RawStream("127.0.0.1", server.port))
+    connection = client.connection(server.name, server.port)
     path, body = _request(server, client, turns_per_conversation)
     headers = {"Authorization": f"Bearer {client.token}"}
     try:
@@ -153,7 +133,7 @@ async def _measure(
     args: argparse.Namespace, servers: list[Server], secret: str
 ) -> dict[str, dict[str, Any]]:
     clients = [
-        Client(index, _user_token(secret, f"bench-throughput-{index}"))
+        Client(index, user_token(secret, f"bench-throughput-{index}"))
         for index in range(args.clients)
     ]
     rows: dict[str, dict[str, Any]] = {
@@ -238,11 +218,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with Servers(workdir, args.targets, [shape], 0, args.database_url, args.pg_database) as servers:
         listed = [servers.servers[name] for name in args.targets if name in servers.servers]
         print(f"measuring {', '.join(s.name for s in listed)}; logs in {workdir}", flush=True)
-        rows = _run_loop(_measure(args, listed, servers.jwt_secret))
+        rows = run_client_loop(_measure(args, listed, servers.jwt_secret))
         servers.check_alive()
     summary = _summary(rows)
     return {
-        "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "measured_at": measured_at(),
         "cores": os.cpu_count(),
         "clients": args.clients,
         "rounds": args.rounds,
@@ -270,11 +250,7 @@ def main() -> None:
 
     result, workdir = run_scenario(SCENARIO, "throughput", args, run, _markdown)
     errors = sum(row["errors"] for row in result["configurations"].values())
-    if errors:
-        print(f"FAILED: {errors} turns failed; logs kept in {workdir}", file=sys.stderr)
-        sys.exit(1)
-    if not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finish(workdir, args.keep, f"{errors} turns failed" if errors else None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,243 @@
+"""The processes a benchmark compares, each on a free loopback port, stopped on exit.
+
+- `direct`: the fake OpenAI-compatible upstream (`harness/upstream.py`), one reply shape per
+  model name, a wait before the first token;
+- `ours-sqlite`, `ours-postgres`: `chatbot serve` relaying to it, JWT on; by default with the
+  rate limit and the cap on concurrent replies out of the way (a benchmark's clients are few
+  users sending a lot), `service_settings={}` keeps the service's own defaults (the load test);
+  `ours-sqlite-x2`, `ours-postgres-x2`: the same with two worker processes (`--workers 2`),
+  each configuration on a database of its own;
+- `litellm`: the LiteLLM proxy (`harness/litellm.py`) relaying to it.
+"""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .databases import SQLITE, prepare_database
+from .litellm import PEERS_VENV, litellm_env, litellm_executable, litellm_options, litellm_version
+from .processes import children, free_ports, stop, wait_for_http, wait_for_port
+from .upstream import UTILITY_MODEL, ReplyShape
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM_SCRIPT = Path(__file__).resolve().with_name("upstream.py")
+
+DIRECT = "direct"
+OURS = ("ours-sqlite", "ours-postgres")
+LITELLM = "litellm"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A started server: its configuration's name, its port and its main process."""
+
+    name: str
+    port: int
+    pid: int
+
+    def pids(self) -> list[int]:
+        """The process and its children (a service's workers)."""
+        return [self.pid, *children(self.pid)]
+
+
+def is_ours(name: str) -> bool:
+    return name.startswith("ours-")
+
+
+def workers_of(name: str) -> int:
+    """The worker processes of a configuration: `ours-postgres-x2` has two."""
+    _, _, suffix = name.rpartition("-x")
+    return int(suffix) if suffix.isdigit() else 1
+
+
+def service_env(
+    database_url: str, upstream_port: int, port: int, jwt_secret: str | None, log_level: str
+) -> dict[str, str]:
+    """The environment of `chatbot serve` on a loopback port, relaying to the fake upstream on
+    `upstream_port`, JWT on with `jwt_secret` (off without one); a Redis of this environment is
+    left out."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CHATBOT_AUTO_MIGRATE": "false",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "OPENAI_API_KEY": "bench",
+        "CHATBOT_UTILITY_MODEL": UTILITY_MODEL,
+        "CHATBOT_HOST": "127.0.0.1",
+        "CHATBOT_PORT": str(port),
+        "CHATBOT_LOG_LEVEL": log_level,
+    }
+    if jwt_secret is None:
+        env["CHATBOT_AUTH"] = "none"
+    else:
+        env.update(CHATBOT_AUTH="jwt", CHATBOT_JWT_SECRET=jwt_secret)
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def benchmark_settings(model: str) -> dict[str, str]:
+    """What the service runs with in the benchmarks that compare it: `model` by default, and
+    limits that would otherwise measure themselves out of the way."""
+    return {
+        "CHATBOT_MODEL": model,
+        "CHATBOT_RATE_LIMIT": "1000000/minute",
+        "CHATBOT_MAX_CONCURRENT_REPLIES": "1000",
+        # Plain chat, as the peer relays it: offering the task tools (the default) adds their
+        # definitions to every request, which the peer's requests do not carry.
+        "CHATBOT_DEFAULT_TOOLSETS": "[]",
+    }
+
+
+def migrate(env: dict[str, str]) -> None:
+    """`chatbot migrate` on the database of `env`, before the service starts."""
+    subprocess.run(
+        [sys.executable, "-m", "chatbot", "migrate"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def start_service(
+    env: dict[str, str], output: IO[bytes] | None = None, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`chatbot serve` with the environment `env`, under cProfile when `profile` names the
+    file for its stats (cProfile writes them on SIGINT, not when SIGTERM ends the process)."""
+    command = [sys.executable, "-m", "chatbot", "serve"]
+    if profile is not None:
+        command[1:1] = ["-m", "cProfile", "-o", str(profile)]
+    return subprocess.Popen(  # noqa: S603
+        command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, cwd=ROOT
+    )
+
+
+class Servers:
+    """`with Servers(...) as servers:` starts the named servers (the upstream always) and
+    waits until each answers; leaving the block stops them, the upstream last. Each one's
+    output goes to `<name>.log` in `workdir`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        names: list[str],
+        shapes: list[ReplyShape],
+        ttft_ms: float,
+        database_url: str,
+        pg_database: str,
+        peers_venv: Path = PEERS_VENV,
+        *,
+        service_settings: dict[str, str] | None = None,
+        log_level: str = "WARNING",
+        service_profile: Path | None = None,
+    ) -> None:
+        self.workdir, self.names, self.shapes, self.ttft_ms = workdir, names, shapes, ttft_ms
+        self.database_url, self.pg_database, self.peers_venv = (
+            database_url,
+            pg_database,
+            peers_venv,
+        )
+        self.service_settings = (
+            benchmark_settings(shapes[0].model) if service_settings is None else service_settings
+        )
+        self.log_level, self.service_profile = log_level, service_profile
+        self.jwt_secret = secrets.token_urlsafe(48)
+        self.master_key = "sk-bench-" + secrets.token_hex(16)
+        self.servers: dict[str, Server] = {}
+        self.database_urls: dict[str, str] = {}
+        """The database each of ours runs on, as the service names it."""
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs = contextlib.ExitStack()
+
+    def __enter__(self) -> "Servers":
+        litellm = litellm_executable(self.peers_venv) if LITELLM in self.names else None
+        ours = [name for name in self.names if is_ours(name)]
+        everyone = [DIRECT, *ours, LITELLM]
+        ports = dict(zip(everyone, free_ports(len(everyone)), strict=True))
+        try:
+            upstream = [
+                sys.executable,
+                str(UPSTREAM_SCRIPT),
+                f"--port={ports[DIRECT]}",
+                f"--ttft-ms={self.ttft_ms}",
+                *(shape.option() for shape in self.shapes),
+            ]
+            self._start(DIRECT, ports[DIRECT], upstream, ROOT)
+            for name in ours:
+                env = self._service_env(name, ports[name], ports[DIRECT])
+                migrate(env)
+                process = start_service(env, self._log(name), self.service_profile)
+                self._started(name, ports[name], process)
+            if litellm is not None:
+                options = litellm_options(self.workdir, ports[LITELLM], ports[DIRECT], self.shapes)
+                env = litellm_env(self.master_key)
+                self._start(LITELLM, ports[LITELLM], [str(litellm), *options], self.workdir, env)
+            wait_for_port(ports[DIRECT], self._processes[DIRECT], "the fake upstream")
+            for name in ours:
+                url = f"http://127.0.0.1:{ports[name]}/readyz"
+                wait_for_http(url, self._processes[name], "the service", 60)
+            if LITELLM in self._processes:
+                url = f"http://127.0.0.1:{ports[LITELLM]}/health/liveliness"
+                wait_for_http(url, self._processes[LITELLM], "LiteLLM", 120)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # The upstream last: a service stopping while it still relays should not log errors.
+        for name, process in reversed(self._processes.items()):
+            profiled = self.service_profile is not None and is_ours(name)
+            stop(process, 15, signal.SIGINT if profiled else signal.SIGTERM)
+        self._logs.close()
+
+    def exit_code(self, name: str) -> int | None:
+        """The server's exit code if it has exited, None while it runs."""
+        return self._processes[name].poll()
+
+    def check_alive(self) -> None:
+        for name, process in self._processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode} during the run")
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def litellm_version(self) -> str | None:
+        return litellm_version(self.peers_venv) if LITELLM in self.servers else None
+
+    def _log(self, name: str) -> IO[bytes]:
+        return self._logs.enter_context(self.log_path(name).open("wb"))
+
+    def _start(
+        self,
+        name: str,
+        port: int,
+        command: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        process = subprocess.Popen(  # noqa: S603
+            command, env=env, stdout=self._log(name), stderr=subprocess.STDOUT, cwd=cwd
+        )
+        self._started(name, port, process)
+
+    def _started(self, name: str, port: int, process: subprocess.Popen[bytes]) -> None:
+        self._processes[name] = process
+        self.servers[name] = Server(name, port, process.pid)
+
+    def _service_env(self, name: str, port: int, upstream_port: int) -> dict[str, str]:
+        workers = workers_of(name)
+        database = self.pg_database if workers == 1 else f"{self.pg_database}_x{workers}"
+        target = SQLITE if SQLITE in name else self.database_url
+        database_url = asyncio.run(prepare_database(target, database, self.workdir, name))
+        self.database_urls[name] = database_url
+        env = service_env(database_url, upstream_port, port, self.jwt_secret, self.log_level)
+        return env | {"CHATBOT_WORKERS": str(workers)} | self.service_settings
