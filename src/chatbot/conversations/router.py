@@ -53,8 +53,10 @@ async def update_conversation(
 async def delete_conversation(
     conversation: OwnedConversation, session: SessionDep, replies: RepliesDep
 ) -> Response:
-    if conversation.active_reply_id is not None:
-        # Nobody is left to read the reply: stop paying for it.
-        await replies.stop(conversation.active_reply_id, StopReason.CANCELLED)
+    running = conversation.active_reply_id
     await service.delete(session, conversation.user_id, conversation.id)
+    if running is not None:
+        # Nobody is left to read the reply: stop paying for it. Stopped after the delete, it
+        # always finds its row gone (a stop first would race the delete to store it).
+        await replies.stop(running, StopReason.SUPERSEDED)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

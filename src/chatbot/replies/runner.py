@@ -15,8 +15,16 @@ from chatbot.config import Settings
 from chatbot.context.builder import ContextTooLarge
 from chatbot.context.chores import FollowUp
 from chatbot.context.tokens import TokenCounter
+from chatbot.db import utcnow
 from chatbot.errors import AppError
-from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, LLMClient, TokenUsage
+from chatbot.llm.client import (
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    LLMClient,
+    TokenUsage,
+    ToolCall,
+)
 from chatbot.messages.models import MessageStatus
 from chatbot.quotas import service as quotas
 from chatbot.replies.errors import (
@@ -239,7 +247,7 @@ class ReplyRunner:
     async def _store_calls(
         self,
         reply: LiveReply,
-        calls: tuple[Any, ...],
+        calls: tuple[ToolCall, ...],
         completion: Completion,
         request: CompletionRequest,
         turn: _Turn,
@@ -276,6 +284,8 @@ class ReplyRunner:
         round_.answer_the_rest(reply, "the reply stopped before this call ended")
         try:
             await self._store.store_results(reply, round_)
+        except Superseded:
+            pass  # its conversation was deleted: there is nothing left to answer
         except Exception:
             logger.exception("could not store the results of reply %s", reply.message_id)
 
@@ -299,6 +309,7 @@ class ReplyRunner:
             token_count=self._counter.count_text(content, request.model),
             latency_ms=elapsed_ms(turn.started),
             ttft_ms=turn.ttft_ms,
+            completed_at=utcnow(),
             error=error,
             finish_reason=completion.finish_reason if completion else None,
             model=completion.model if completion else None,
