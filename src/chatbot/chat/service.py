@@ -27,6 +27,7 @@ from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.messages.schemas import MessageOut
 from chatbot.quotas import service as quotas
+from chatbot.replies import repository as replies
 from chatbot.replies.errors import ReplyInProgress
 from chatbot.replies.live import ReplyRef
 from chatbot.replies.runner import ReplyJob
@@ -234,13 +235,14 @@ class ChatService:
         )
         messages.add(self._session, user_message)
         ref = ReplyRef(assistant_id, conversation.id, conversation.user_id)
-        assistant_message = self._replies.add_row(
+        assistant_message = replies.add_reply(
             self._session,
             ref,
             seq=user_seq + 1,
             model=self._llm.model_label(model),
             prompt_token_count=context.total_tokens,
             prompt_hash=context.prompt_hash,
+            now=now,
         )
         if key is not None:
             await idempotency.record(

@@ -61,7 +61,8 @@ class ReplyKeeper:
             except Exception as exc:
                 if not is_unreachable(exc):
                     logger.exception("reply checkpoint failed; retrying in %gs", self._interval)
-                elif self._reachable_since is not None:  # said once per outage
+                    continue
+                if self._reachable_since is not None:  # said once per outage
                     logger.warning(
                         "the database is unreachable (%s); checkpoints resume when it answers",
                         type(exc).__name__,

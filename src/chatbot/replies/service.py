@@ -1,8 +1,8 @@
 """The one owner of replies: what starts, stops, follows and keeps them.
 
-A turn adds the reply's row in its own transaction (`add_row`) and, once that is committed,
-starts it (`start`); the reply then runs as a task of the service while any number of clients
-follow it (`follow`, `outcome`) and anyone may stop it (`stop`, `cancel`)."""
+A turn adds the reply's row in its own transaction (`repository.add_reply`) and, once that is
+committed, starts it (`start`); the reply then runs as a task of the service while any number
+of clients follow it (`follow`, `outcome`) and anyone may stop it (`stop`, `cancel`)."""
 
 import asyncio
 import uuid
@@ -68,27 +68,6 @@ class Replies:
         if self._keeping is not None:
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
-
-    def add_row(
-        self,
-        session: AsyncSession,
-        ref: ReplyRef,
-        *,
-        seq: int,
-        model: str,
-        prompt_token_count: int,
-        prompt_hash: str,
-    ) -> Message:
-        """The reply's row, `in_progress`, in the turn's transaction."""
-        return repository.add_reply(
-            session,
-            ref,
-            seq=seq,
-            model=model,
-            prompt_token_count=prompt_token_count,
-            prompt_hash=prompt_hash,
-            now=utcnow(),
-        )
 
     def start(self, ref: ReplyRef, seq: int, job: ReplyJob) -> None:
         """Generate the reply whose row the turn committed."""

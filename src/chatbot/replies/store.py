@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
@@ -56,6 +57,7 @@ class Ending:
     token_count: int
     latency_ms: int
     ttft_ms: int | None
+    completed_at: datetime
     error: AppError | None = None
     finish_reason: str | None = None
     model: str | None = None
@@ -71,7 +73,7 @@ class Ending:
             "status": self.status,
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
-            "completed_at": utcnow(),
+            "completed_at": self.completed_at,
             "error": self.error.stored() if self.error else None,
         }
         if provider_figures:
@@ -193,7 +195,7 @@ class ReplyStore:
         await self.retrying(reply, "the tool results", store)
 
     def _result_message(
-        self, ref: ReplyRef, round_: ToolRound, index: int, call: ToolCall, now: Any
+        self, ref: ReplyRef, round_: ToolRound, index: int, call: ToolCall, now: datetime
     ) -> Message:
         result = round_.results[call.id]
         return Message(
@@ -262,10 +264,11 @@ class ReplyStore:
         return stored
 
     async def _not_stored(self, reply: LiveReply) -> Outcome:
-        """The end could not be stored: at least mark the reply failed and free its
-        conversation, if the database takes that."""
+        """The end could not be stored within the bound: one last try with the text alone,
+        marked failed, to free the conversation if the database takes that."""
         error = StorageFailed()
         values = {
+            "content": clean_text(reply.content),
             "status": failed_or_incomplete(bool(reply.content)),
             "error": error.stored(),
             "completed_at": utcnow(),
