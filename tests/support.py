@@ -1,5 +1,6 @@
 """What every test file shares: the fixtures (databases, the fake model, the service) and the
-helpers that send, stream and follow turns, seed histories and read what the database holds.
+helpers that send, stream and follow turns, seed histories, read what the database holds, run
+the task tools and read what a model client streams.
 
 Every test talks to a real uvicorn server over a loopback socket, backed by SQLite and, when
 TEST_DATABASE_URL is set, PostgreSQL too; the model is a real OpenAI-compatible server of ours.
@@ -31,14 +32,18 @@ from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings, normalize_database_url
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, create_sessionmaker, migrate
+from chatbot.llm.client import CompletionRequest, LLMClient, StreamEvent
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.quotas.models import DailyUsage
 from chatbot.replies.live import LiveReply
 from chatbot.state import AppState, state_of
-from chatbot.tools.base import Toolset
+from chatbot.tasks.tools import TASKS
+from chatbot.tools.base import ToolContext, ToolResult, Toolset, run_tool
 from tests.fake_upstream import UTILITY_MODEL, FakeUpstream
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository's root: where `src/`, `alembic/` and `pyproject.toml` are."""
 _ENV_PREFIXES = ("CHATBOT_", "OPENAI_", "DATABASE_URL")
 
 
@@ -130,6 +135,12 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     await server.stop()
 
 
+async def model_events(client: LLMClient, request: CompletionRequest) -> list[StreamEvent]:
+    """Everything a model client streams for one request, read to its end (the client stays
+    open: closing it is the caller's)."""
+    return [event async for event in client.stream(request)]
+
+
 # --- the service ------------------------------------------------------------------------------
 
 
@@ -212,6 +223,11 @@ async def read_events(response: httpx.Response) -> AsyncIterator[Event]:
 
 async def collect_events(response: httpx.Response) -> list[Event]:
     return [event async for event in read_events(response)]
+
+
+def streamed_text(events: Iterable[Event]) -> str:
+    """The text a reply's stream carried: its deltas joined, whatever else came between."""
+    return "".join(event.data["content"] for event in events if event.event == "delta")
 
 
 class LiveServer:
@@ -308,6 +324,18 @@ class Service:
             assert response.status_code == 200, await response.aread()
             return await collect_events(response)
 
+    async def stream_chat(self, message: str, *, user: str = "alice", **body: Any) -> list[Event]:
+        """`POST /v1/chat` (a new conversation, or `conversation_id`'s) answered as Server-Sent
+        Events, read to its end."""
+        async with self.client.stream(
+            "POST",
+            "/v1/chat",
+            json={"message": message, **body},
+            headers=self.auth(user) | {"Accept": "text/event-stream"},
+        ) as response:
+            assert response.status_code == 200, await response.aread()
+            return await collect_events(response)
+
     async def follow(self, reply_id: str, *, after: int = 0, user: str = "alice") -> list[Event]:
         """A reply followed from a position (`Last-Event-ID`) to its end."""
         headers = self.auth(user) | {"Last-Event-ID": f"{reply_id}:{after}"}
@@ -320,6 +348,13 @@ class Service:
     def running(self, reply_id: str | uuid.UUID) -> LiveReply | None:
         """The reply as its producer holds it, while it runs here."""
         return self.state.replies.registry.get(uuid.UUID(str(reply_id)))
+
+    async def stored_message(self, message_id: str | uuid.UUID) -> Message:
+        """The message's row as the service's database holds it now, read afresh."""
+        async with self.state.sessionmaker() as session:
+            row = await session.get(Message, uuid.UUID(str(message_id)), populate_existing=True)
+        assert row is not None, f"no message {message_id}"
+        return row
 
 
 @pytest.fixture
@@ -467,6 +502,23 @@ async def day_usage(sessionmaker: async_sessionmaker[AsyncSession], user_id: str
             select(DailyUsage.total_tokens).where(DailyUsage.user_id == user_id)
         )
     return int(used or 0)
+
+
+async def run_task_tool(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    user_id: str,
+    name: str,
+    arguments: dict[str, Any] | str,
+) -> ToolResult:
+    """One of the task tools run for the user as a turn runs it: arguments as the model writes
+    them (JSON text, or a dict to encode), results cut at the service's default 16,000
+    characters, and 5 s to answer."""
+    tool = TASKS.get(name)
+    assert tool is not None, f"no task tool {name}"
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return await run_tool(
+        tool, ToolContext(user_id, sessionmaker), raw, timeout_seconds=5, max_result_chars=16_000
+    )
 
 
 # --- a database that stops answering --------------------------------------------------------

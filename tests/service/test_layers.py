@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[1] / "src" / "chatbot"
+from tests.support import ROOT
+
+SOURCE = ROOT / "src" / "chatbot"
 
 WEB = {
     "chatbot.app",

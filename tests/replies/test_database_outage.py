@@ -91,7 +91,7 @@ async def test_after_an_outage_no_reply_is_swept_before_its_producer_could_mark_
             # Every instance's producers were cut off as long: none could mark its replies
             # alive, and none is swept for that before the stale period has passed again.
             await asyncio.sleep(0.6)
-            assert await _status(service, reply_id) is MessageStatus.IN_PROGRESS
+            assert (await service.stored_message(reply_id)).status is MessageStatus.IN_PROGRESS
             # Past it, a reply nobody marked is abandoned (the sweep still does its work).
             await eventually(
                 lambda: _status_is(service, reply_id, MessageStatus.INCOMPLETE), seconds=5
@@ -121,12 +121,5 @@ async def _running_elsewhere(service: Service, conversation_id: str) -> uuid.UUI
     return reply_id
 
 
-async def _status(service: Service, reply_id: uuid.UUID) -> MessageStatus:
-    async with service.state.sessionmaker() as session:
-        row = await session.get(Message, reply_id, populate_existing=True)
-    assert row is not None
-    return row.status
-
-
 async def _status_is(service: Service, reply_id: uuid.UUID, status: MessageStatus) -> bool:
-    return await _status(service, reply_id) is status
+    return (await service.stored_message(reply_id)).status is status

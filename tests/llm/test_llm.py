@@ -14,6 +14,7 @@ from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextD
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import DRAIN_TIMEOUT, OpenAIChatClient, is_reasoning_model
 from tests.fake_upstream import FakeUpstream, Reply
+from tests.support import model_events
 
 BASE_URL = "http://upstream.test/v1"
 
@@ -63,7 +64,7 @@ async def _run(model: str) -> list[Any]:
         max_output_tokens=64,
     )
     try:
-        return [event async for event in client.stream(request)]
+        return await model_events(client, request)
     finally:
         await client.aclose()
 
@@ -134,8 +135,8 @@ def test_family_detection() -> None:
 async def test_demo_model_streams_a_deterministic_reply_word_by_word() -> None:
     demo = DemoChatClient(delay_seconds=0)
     request = CompletionRequest(model="anything", messages=[ChatMessage("user", "ping")])
-    first = [event async for event in demo.stream(request)]
-    second = [event async for event in demo.stream(request)]
+    first = await model_events(demo, request)
+    second = await model_events(demo, request)
     assert first == second
     deltas = [event.text for event in first if isinstance(event, TextDelta)]
     assert len(deltas) > 10
@@ -158,7 +159,7 @@ async def _stream_body(body: bytes) -> list[Any]:
             )
         )
         try:
-            return [event async for event in client.stream(request)]
+            return await model_events(client, request)
         finally:
             await client.aclose()
 
@@ -221,7 +222,7 @@ async def test_a_finished_stream_leaves_its_connection_open_for_the_next(
     request = CompletionRequest(model="fake-model", messages=[ChatMessage("user", "hello")])
     try:
         for _ in range(3):
-            events = [event async for event in client.stream(request)]
+            events = await model_events(client, request)
             assert isinstance(events[-1], Completion)
     finally:
         await client.aclose()
@@ -239,7 +240,7 @@ async def test_a_body_left_open_after_done_does_not_hold_the_reply(
     request = CompletionRequest(model="fake-model", messages=[ChatMessage("user", "hello")])
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT + 2):
-            events = [event async for event in client.stream(request)]
+            events = await model_events(client, request)
     finally:
         await client.aclose()
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]
@@ -262,7 +263,7 @@ async def test_tool_calls_streamed_in_fragments_are_assembled(upstream: FakeUpst
         model="fake-model", messages=[ChatMessage("user", "add milk")], tools=tools
     )
     try:
-        events = [event async for event in client.stream(request)]
+        events = await model_events(client, request)
     finally:
         await client.aclose()
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["Let me", " add that."]

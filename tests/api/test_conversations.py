@@ -33,7 +33,7 @@ async def test_create_read_update_delete(service: Service) -> None:
     assert patched.json()["model"] == "gpt-4o"  # untouched: absent from the body
     assert patched.json()["updated_at"] > created["updated_at"]
 
-    await service.client.post(f"{url}/messages", json={"content": "hi"}, headers=service.auth())
+    await service.send(created["id"], "hi")
     deleted = await service.client.delete(url, headers=service.auth())
     assert deleted.status_code == 204
     assert (await service.client.get(url, headers=service.auth())).status_code == 404
@@ -46,7 +46,7 @@ async def test_create_read_update_delete(service: Service) -> None:
 async def test_deleting_a_conversation_deletes_its_messages(service: Service) -> None:
     conversation = await service.create_conversation()
     url = f"/v1/conversations/{conversation['id']}"
-    await service.client.post(f"{url}/messages", json={"content": "hi"}, headers=service.auth())
+    await service.send(conversation["id"], "hi")
     await service.client.delete(url, headers=service.auth())
     engine = service.state.engine
     async with engine.connect() as connection:
@@ -59,9 +59,7 @@ async def test_conversations_list_most_recent_activity_first(service: Service) -
     second = await service.create_conversation(title="second")
     third = await service.create_conversation(title="third")
     # A new message makes the first conversation the most recent.
-    await service.client.post(
-        f"/v1/conversations/{first['id']}/messages", json={"content": "hi"}, headers=service.auth()
-    )
+    await service.send(first["id"], "hi")
     listing = (await service.client.get("/v1/conversations", headers=service.auth())).json()
     assert [item["id"] for item in listing["data"]] == [first["id"], third["id"], second["id"]]
 
@@ -91,7 +89,7 @@ async def test_messages_are_paged_oldest_first(service: Service) -> None:
     conversation = await service.create_conversation()
     url = f"/v1/conversations/{conversation['id']}/messages"
     for index in range(3):
-        await service.client.post(url, json={"content": f"q{index}"}, headers=service.auth())
+        await service.send(conversation["id"], f"q{index}")
     contents: list[str] = []
     cursor = None
     while True:
@@ -110,9 +108,8 @@ async def test_messages_are_paged_oldest_first(service: Service) -> None:
 
 async def test_message_order_never_depends_on_the_clock(service: Service) -> None:
     conversation = await service.create_conversation()
-    url = f"/v1/conversations/{conversation['id']}/messages"
     for index in range(3):
-        await service.client.post(url, json={"content": f"q{index}"}, headers=service.auth())
+        await service.send(conversation["id"], f"q{index}")
     # Give every message the same timestamp, then timestamps running backwards.
     engine = service.state.engine
     async with engine.begin() as connection:
@@ -128,7 +125,7 @@ async def test_message_order_never_depends_on_the_clock(service: Service) -> Non
             .values(created_at=datetime(2000, 1, 1, tzinfo=UTC))
         )
     assert [m["content"] for m in await service.messages(conversation["id"])] == expected
-    await service.client.post(url, json={"content": "q3"}, headers=service.auth())
+    await service.send(conversation["id"], "q3")
     sent = service.upstream.requests[-1].body["messages"]
     assert [m["content"] for m in sent[1:]] == [*expected, "q3"]
 

@@ -8,7 +8,14 @@ import httpx
 import pytest
 
 from tests.fake_upstream import Reply
-from tests.support import Event, Service, collect_events, final_reply, read_events
+from tests.support import (
+    Event,
+    Service,
+    collect_events,
+    final_reply,
+    read_events,
+    streamed_text,
+)
 
 TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog."]
 
@@ -49,7 +56,7 @@ async def test_reconnect_with_last_event_id_receives_exactly_the_rest(service: S
 
     assert after[0].event == "delta"  # no second start: the client already has it
     assert after[-1].event == "done"
-    joined = "".join(event.data["content"] for event in [*before, *after] if event.event == "delta")
+    joined = streamed_text([*before, *after])
     stored = after[-1].data["assistant_message"]
     assert joined == stored["content"] == "".join(TOKENS)
     assert (await service.messages(conversation["id"]))[-1] == stored
@@ -61,11 +68,7 @@ async def test_starting_after_replays_a_completed_reply_from_the_database(
 ) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=TOKENS))
-    sent = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "fox"},
-        headers=service.auth(),
-    )
+    sent = await service.send(conversation["id"], "fox")
     message_id = sent.json()["assistant_message"]["id"]
     async with service.client.stream(
         "GET", f"/v1/messages/{message_id}/stream?starting_after=10", headers=service.auth()
@@ -88,20 +91,13 @@ async def test_several_clients_follow_one_reply(service: Service) -> None:
     conversation = await service.create_conversation()
     gate = asyncio.Event()
     service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
-    response = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "fox", "background": True},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation["id"], "fox", background=True)
     message_id = response.json()["assistant_message"]["id"]
 
     async def follow() -> str:
-        async with service.client.stream(
-            "GET", f"/v1/messages/{message_id}/stream", headers=service.auth()
-        ) as stream:
-            events = await collect_events(stream)
+        events = await service.follow(message_id)
         assert events[-1].event == "done"
-        return "".join(event.data["content"] for event in events if event.event == "delta")
+        return streamed_text(events)
 
     followers = [asyncio.create_task(follow()) for _ in range(3)]
     await asyncio.sleep(0.2)
@@ -124,11 +120,7 @@ async def test_background_answers_202_with_a_stream_url_that_needs_no_header(
     service: Service,
 ) -> None:
     conversation = await service.create_conversation()
-    response = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "in the background", "background": True},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation["id"], "in the background", background=True)
     assert response.status_code == 202
     body = response.json()
     assert body["assistant_message"]["status"] == "in_progress"
@@ -146,21 +138,9 @@ async def test_stream_tokens_are_bound_to_one_message_and_are_not_access_tokens(
     service: Service,
 ) -> None:
     conversation = await service.create_conversation()
-    first = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "one", "background": True},
-            headers=service.auth(),
-        )
-    ).json()
+    first = (await service.send(conversation["id"], "one", background=True)).json()
     await final_reply(service, conversation["id"])
-    second = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "two", "background": True},
-            headers=service.auth(),
-        )
-    ).json()
+    second = (await service.send(conversation["id"], "two", background=True)).json()
     token = first["stream_url"].split("token=")[1]
     other_message = second["assistant_message"]["id"]
     reused = await service.client.get(f"/v1/messages/{other_message}/stream?token={token}")
@@ -176,13 +156,7 @@ async def test_stream_tokens_are_bound_to_one_message_and_are_not_access_tokens(
 async def test_stream_tokens_expire(start_service: Any) -> None:
     async with start_service(stream_token_ttl=1) as service:
         conversation = await service.create_conversation()
-        body = (
-            await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "one", "background": True},
-                headers=service.auth(),
-            )
-        ).json()
+        body = (await service.send(conversation["id"], "one", background=True)).json()
         await asyncio.sleep(2.1)
         expired = await service.client.get(body["stream_url"])
         assert expired.status_code == 401
@@ -191,13 +165,7 @@ async def test_stream_tokens_expire(start_service: Any) -> None:
 
 async def test_following_somebody_elses_reply_is_404(service: Service) -> None:
     conversation = await service.create_conversation("alice")
-    body = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "mine"},
-            headers=service.auth("alice"),
-        )
-    ).json()
+    body = (await service.send(conversation["id"], "mine", user="alice")).json()
     message_id = body["assistant_message"]["id"]
     for method, path in (("GET", "stream"), ("POST", "cancel")):
         response = await service.client.request(
@@ -222,7 +190,7 @@ async def test_one_get_eventsource_resumes_and_never_sends_twice(service: Servic
             "GET", url, params=params, headers={"Last-Event-ID": before[-1].id or ""}
         ) as response:
             after = await collect_events(response)
-    joined = "".join(event.data["content"] for event in [*before, *after] if event.event == "delta")
+    joined = streamed_text([*before, *after])
     assert joined == "".join(TOKENS)
     assert after[-1].event == "done"
     contents = [message["content"] for message in await service.messages(conversation["id"])]

@@ -10,26 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.tasks.tools import TASKS
 from chatbot.tools.base import Tool, ToolContext, ToolError, ToolResult, run_tool
-
-
-async def _call(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    user_id: str,
-    name: str,
-    arguments: dict[str, Any] | str,
-    *,
-    max_result_chars: int = 16_000,
-) -> ToolResult:
-    tool = TASKS.get(name)
-    assert tool is not None
-    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return await run_tool(
-        tool,
-        ToolContext(user_id, sessionmaker),
-        raw,
-        timeout_seconds=5,
-        max_result_chars=max_result_chars,
-    )
+from tests.support import run_task_tool
 
 
 def _ok(result: ToolResult) -> Any:
@@ -45,32 +26,34 @@ def _error(result: ToolResult) -> str:
 async def test_a_task_is_added_listed_completed_updated_and_deleted(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    milk = _ok(await _call(sessionmaker, "alice", "add_task", {"title": " buy milk "}))
+    milk = _ok(await run_task_tool(sessionmaker, "alice", "add_task", {"title": " buy milk "}))
     assert milk["title"] == "buy milk"
     assert milk["done"] is False
     rent = _ok(
-        await _call(
+        await run_task_tool(
             sessionmaker,
             "alice",
             "add_task",
             {"title": "pay rent", "notes": "by transfer", "due_date": "2026-12-01"},
         )
     )
-    listed = _ok(await _call(sessionmaker, "alice", "list_tasks", {}))
+    listed = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {}))
     assert [task["title"] for task in listed["tasks"]] == ["buy milk", "pay rent"]
 
-    done = _ok(await _call(sessionmaker, "alice", "complete_task", {"task_id": milk["id"]}))
+    done = _ok(await run_task_tool(sessionmaker, "alice", "complete_task", {"task_id": milk["id"]}))
     assert done["done"] is True
     assert done["completed_at"] is not None
-    still_open = _ok(await _call(sessionmaker, "alice", "list_tasks", {"done": False}))
+    still_open = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {"done": False}))
     assert [task["title"] for task in still_open["tasks"]] == ["pay rent"]
-    due = _ok(await _call(sessionmaker, "alice", "list_tasks", {"due_before": "2026-12-31"}))
+    due = _ok(
+        await run_task_tool(sessionmaker, "alice", "list_tasks", {"due_before": "2026-12-31"})
+    )
     assert [task["id"] for task in due["tasks"]] == [rent["id"]]
-    found = _ok(await _call(sessionmaker, "alice", "list_tasks", {"query": "MILK"}))
+    found = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {"query": "MILK"}))
     assert [task["id"] for task in found["tasks"]] == [milk["id"]]
 
     changed = _ok(
-        await _call(
+        await run_task_tool(
             sessionmaker,
             "alice",
             "update_task",
@@ -79,45 +62,51 @@ async def test_a_task_is_added_listed_completed_updated_and_deleted(
     )
     assert (changed["title"], changed["due_date"], changed["done"]) == ("pay the rent", None, True)
     reopened = _ok(
-        await _call(sessionmaker, "alice", "update_task", {"task_id": rent["id"], "done": False})
+        await run_task_tool(
+            sessionmaker, "alice", "update_task", {"task_id": rent["id"], "done": False}
+        )
     )
     assert reopened["completed_at"] is None
 
-    deleted = _ok(await _call(sessionmaker, "alice", "delete_task", {"task_id": milk["id"]}))
+    deleted = _ok(
+        await run_task_tool(sessionmaker, "alice", "delete_task", {"task_id": milk["id"]})
+    )
     assert deleted["deleted"]["id"] == milk["id"]
-    left = _ok(await _call(sessionmaker, "alice", "list_tasks", {}))
+    left = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {}))
     assert [task["id"] for task in left["tasks"]] == [rent["id"]]
 
 
 async def test_a_tool_never_reaches_another_users_tasks(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    task = _ok(await _call(sessionmaker, "alice", "add_task", {"title": "alice's secret"}))
-    assert _ok(await _call(sessionmaker, "bob", "list_tasks", {}))["tasks"] == []
+    task = _ok(await run_task_tool(sessionmaker, "alice", "add_task", {"title": "alice's secret"}))
+    assert _ok(await run_task_tool(sessionmaker, "bob", "list_tasks", {}))["tasks"] == []
     for name, arguments in [
         ("complete_task", {"task_id": task["id"]}),
         ("update_task", {"task_id": task["id"], "title": "mine now"}),
         ("delete_task", {"task_id": task["id"]}),
     ]:
         # The same answer as for an id that never existed.
-        assert "no task with this id" in _error(await _call(sessionmaker, "bob", name, arguments))
-    unchanged = _ok(await _call(sessionmaker, "alice", "list_tasks", {}))["tasks"]
+        assert "no task with this id" in _error(
+            await run_task_tool(sessionmaker, "bob", name, arguments)
+        )
+    unchanged = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {}))["tasks"]
     assert [(t["title"], t["done"]) for t in unchanged] == [("alice's secret", False)]
 
 
 async def test_a_user_id_written_by_the_model_is_refused_not_obeyed(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    _ok(await _call(sessionmaker, "alice", "add_task", {"title": "alice's task"}))
+    _ok(await run_task_tool(sessionmaker, "alice", "add_task", {"title": "alice's task"}))
     for arguments in [
         {"title": "planted", "user_id": "alice"},
         {"user_id": "alice"},
     ]:
         name = "add_task" if "title" in arguments else "list_tasks"
-        message = _error(await _call(sessionmaker, "bob", name, arguments))
+        message = _error(await run_task_tool(sessionmaker, "bob", name, arguments))
         assert "user_id" in message
-    assert _ok(await _call(sessionmaker, "bob", "list_tasks", {}))["tasks"] == []
-    alices = _ok(await _call(sessionmaker, "alice", "list_tasks", {}))["tasks"]
+    assert _ok(await run_task_tool(sessionmaker, "bob", "list_tasks", {}))["tasks"] == []
+    alices = _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {}))["tasks"]
     assert [task["title"] for task in alices] == ["alice's task"]
 
 
@@ -140,8 +129,8 @@ async def test_invalid_arguments_come_back_as_an_error_the_model_can_read(
     arguments: dict[str, Any] | str,
     expected: str,
 ) -> None:
-    assert expected in _error(await _call(sessionmaker, "alice", name, arguments))
-    assert _ok(await _call(sessionmaker, "alice", "list_tasks", {}))["tasks"] == []
+    assert expected in _error(await run_task_tool(sessionmaker, "alice", name, arguments))
+    assert _ok(await run_task_tool(sessionmaker, "alice", "list_tasks", {}))["tasks"] == []
 
 
 def _tool(handler: Any) -> Tool:

@@ -4,7 +4,6 @@ that cannot be saved never holds another's checkpoints back."""
 
 import asyncio
 import math
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,24 +12,13 @@ import pytest
 
 from chatbot.app import create_app
 from chatbot.llm.client import Completion, CompletionRequest, StreamEvent, TextDelta
-from chatbot.messages.models import Message, MessageStatus
+from chatbot.messages.models import MessageStatus
 from chatbot.sanitize import MAX_COUNT
 from tests.fake_upstream import Reply
-from tests.support import LiveServer, Service, eventually, final_reply
+from tests.support import LiveServer, Service, eventually, final_reply, streamed_text
 
 LONE = "\ud800"
 """What the JSON escape `\\ud800` decodes to: half of a UTF-16 pair, no character at all."""
-
-
-def streamed_text(events: list[Any]) -> str:
-    return "".join(event.data["content"] for event in events if event.event == "delta")
-
-
-async def _stored_content(service: Service, message_id: str) -> tuple[MessageStatus, str]:
-    async with service.state.sessionmaker() as session:
-        row = await session.get(Message, uuid.UUID(message_id), populate_existing=True)
-    assert row is not None
-    return row.status, row.content
 
 
 async def test_a_lone_surrogate_costs_one_character_while_another_reply_keeps_checkpointing(
@@ -64,9 +52,9 @@ async def test_a_lone_surrogate_costs_one_character_while_another_reply_keeps_ch
         seen: set[str] = set()
 
         async def grown_twice() -> bool:
-            status, content = await _stored_content(service, bobs_reply)
-            if status is MessageStatus.IN_PROGRESS and content:
-                seen.add(content)
+            row = await service.stored_message(bobs_reply)
+            if row.status is MessageStatus.IN_PROGRESS and row.content:
+                seen.add(row.content)
             return len(seen) >= 2
 
         await eventually(grown_twice, seconds=5)
@@ -153,10 +141,10 @@ async def test_a_reply_that_cannot_be_checkpointed_holds_no_other_back(
 
         async def both_checkpointed() -> bool:
             saved = [
-                await _stored_content(service, reply["assistant_message"]["id"])
+                await service.stored_message(reply["assistant_message"]["id"])
                 for reply in (bad_reply, good_reply)
             ]
-            return [content for _, content in saved] == ["Bad \ufffd", "Good so far"]
+            return [row.content for row in saved] == ["Bad \ufffd", "Good so far"]
 
         # One statement saving both fails on the bad text; each is then saved on its own.
         await eventually(both_checkpointed, seconds=5)

@@ -7,13 +7,7 @@ import pytest
 from tests.fake_upstream import Reply
 from tests.support import Service, collect_events
 
-
-async def _send_json(service: Service, conversation_id: str) -> Any:
-    return await service.client.post(
-        f"/v1/conversations/{conversation_id}/messages",
-        json={"content": "Are you there?"},
-        headers=service.auth(),
-    )
+QUESTION = "Are you there?"
 
 
 async def _assert_stored(
@@ -21,7 +15,7 @@ async def _assert_stored(
 ) -> dict[str, Any]:
     messages = await service.messages(conversation_id)
     assert [message["role"] for message in messages] == ["user", "assistant"]
-    assert messages[0]["content"] == "Are you there?"
+    assert messages[0]["content"] == QUESTION
     assert messages[0]["status"] == "completed"
     reply = messages[1]
     assert reply["status"] == status
@@ -30,7 +24,7 @@ async def _assert_stored(
     assert reply["latency_ms"] is not None
     # The conversation is free for the next turn.
     service.upstream.queue(Reply())
-    again = await _send_json(service, conversation_id)
+    again = await service.send(conversation_id, QUESTION)
     assert again.status_code == 201, again.text
     return reply
 
@@ -53,7 +47,7 @@ async def test_failure_before_any_content_stores_a_failed_reply(
     conversation = await service.create_conversation()
     # An empty reply is asked for twice before it counts as failed.
     service.upstream.queue(*([reply, reply] if not reply.tokens else [reply]))
-    response = await _send_json(service, conversation["id"])
+    response = await service.send(conversation["id"], QUESTION)
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
@@ -67,7 +61,7 @@ async def test_failure_before_any_content_stores_a_failed_reply(
 async def test_rate_limit_is_429_with_retry_after(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(status=429, headers={"Retry-After": "7"}))
-    response = await _send_json(service, conversation["id"])
+    response = await service.send(conversation["id"], QUESTION)
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     assert response.json()["code"] == "upstream_rate_limited"
@@ -81,7 +75,7 @@ async def test_model_rejection_shows_the_upstream_reason(service: Service) -> No
     service.upstream.queue(
         Reply(status=400, error={"error": {"message": "model 'nope' does not exist"}})
     )
-    response = await _send_json(service, conversation["id"])
+    response = await service.send(conversation["id"], QUESTION)
     assert response.status_code == 502
     assert "model 'nope' does not exist" in response.json()["detail"]
 
@@ -89,7 +83,7 @@ async def test_model_rejection_shows_the_upstream_reason(service: Service) -> No
 async def test_unreachable_upstream_is_503(start_service: Any) -> None:
     async with start_service(openai_base_url="http://127.0.0.1:9/v1") as service:
         conversation = await service.create_conversation()
-        response = await _send_json(service, conversation["id"])
+        response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 503
         assert response.json()["code"] == "upstream_unavailable"
         messages = await service.messages(conversation["id"])
@@ -100,7 +94,7 @@ async def test_upstream_silent_before_first_token_is_504(start_service: Any) -> 
     async with start_service(upstream_timeout=0.5) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(first_token_delay=3))
-        response = await _send_json(service, conversation["id"])
+        response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 504
         assert response.json()["code"] == "upstream_timeout"
         await _assert_stored(
@@ -115,7 +109,7 @@ async def test_upstream_hanging_mid_reply_keeps_the_partial_reply(start_service:
         async with service.client.stream(
             "POST",
             f"/v1/conversations/{conversation['id']}/messages?stream=true",
-            json={"content": "Are you there?"},
+            json={"content": QUESTION},
             headers=service.auth(),
         ) as response:
             events = await collect_events(response)
@@ -139,7 +133,7 @@ async def test_connection_dropped_mid_reply_keeps_the_partial_reply(service: Ser
     async with service.client.stream(
         "POST",
         f"/v1/conversations/{conversation['id']}/messages?stream=true",
-        json={"content": "Are you there?"},
+        json={"content": QUESTION},
         headers=service.auth(),
     ) as response:
         events = await collect_events(response)
@@ -157,7 +151,7 @@ async def test_connection_dropped_mid_reply_keeps_the_partial_reply(service: Ser
 async def test_garbage_from_the_upstream_is_a_clean_error(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=["Fine", " then"], garbage_after=1))
-    response = await _send_json(service, conversation["id"])
+    response = await service.send(conversation["id"], QUESTION)
     assert response.status_code == 502
     reply = await _assert_stored(
         service, conversation["id"], status="incomplete", content="Fine", code="upstream_error"
@@ -169,7 +163,7 @@ async def test_reply_deadline_stops_a_slow_reply(start_service: Any) -> None:
     async with start_service(request_timeout=0.5) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(tokens=["slow"] * 50, token_delay=0.1))
-        response = await _send_json(service, conversation["id"])
+        response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 504
         assert response.json()["code"] == "reply_timeout"
         reply = (await service.messages(conversation["id"]))[1]
@@ -181,7 +175,7 @@ async def test_retries_before_the_first_token_are_invisible(start_service: Any) 
     async with start_service(upstream_max_retries=2) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(status=503, headers={"Retry-After": "0"}), Reply())
-        response = await _send_json(service, conversation["id"])
+        response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 201
         assert response.json()["assistant_message"]["content"] == "Hello, world!"
         assert len(service.upstream.requests) == 2
@@ -190,7 +184,7 @@ async def test_retries_before_the_first_token_are_invisible(start_service: Any) 
 async def test_one_empty_reply_is_retried_once(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=[]), Reply(tokens=["Second", " try"]))
-    response = await _send_json(service, conversation["id"])
+    response = await service.send(conversation["id"], QUESTION)
     assert response.status_code == 201
     assert response.json()["assistant_message"]["content"] == "Second try"
     assert len(service.upstream.requests) == 2
@@ -202,6 +196,6 @@ async def test_a_429_with_retry_after_is_retried_before_the_first_token(
     async with start_service(upstream_max_retries=2) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(status=429, headers={"Retry-After": "1"}), Reply())
-        response = await _send_json(service, conversation["id"])
+        response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 201
         assert len(service.upstream.requests) == 2

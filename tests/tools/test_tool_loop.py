@@ -9,29 +9,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from chatbot.app import create_app
 from chatbot.config import ConfigError
 from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.messages.models import Message, MessageStatus
-from chatbot.quotas.models import DailyUsage
 from chatbot.replies import repository as replies
 from chatbot.replies.live import Snapshot
 from chatbot.tasks import repository as tasks
 from chatbot.tools.base import Tool, ToolContext, Toolset
 from tests.fake_upstream import UTILITY_MODEL, Reply
-from tests.support import (
-    Event,
-    Service,
-    collect_events,
-    eventually,
-    final_reply,
-    read_events,
-)
+from tests.support import Event, Service, day_usage, eventually, final_reply, read_events
 
 FIXTURE_SERVER = Path(__file__).with_name("mcp_fixture_server.py")
 
@@ -102,53 +93,6 @@ def by_position(events: list[Event]) -> dict[int, Any]:
     return held
 
 
-async def day_usage(sessionmaker: Any, user_id: str) -> int:
-    async with sessionmaker() as session:
-        used = await session.scalar(
-            select(DailyUsage.total_tokens).where(DailyUsage.user_id == user_id)
-        )
-    return int(used or 0)
-
-
-async def follow(service: Service, reply_id: str, after: int = 0) -> list[Event]:
-    headers = service.auth() | {"Last-Event-ID": f"{reply_id}:{after}"}
-    async with service.client.stream(
-        "GET", f"/v1/messages/{reply_id}/stream", headers=headers
-    ) as stream:
-        assert stream.status_code == 200
-        return await collect_events(stream)
-
-
-async def send(
-    service: Service,
-    conversation_id: str,
-    content: str,
-    *,
-    user: str = "alice",
-    background: bool = False,
-) -> httpx.Response:
-    """A turn answered as JSON (or 202 in the background)."""
-    body: dict[str, Any] = {"content": content}
-    if background:
-        body["background"] = True
-    return await service.client.post(
-        f"/v1/conversations/{conversation_id}/messages", json=body, headers=service.auth(user)
-    )
-
-
-async def stream_turn(
-    service: Service, conversation_id: str, content: str, user: str = "alice"
-) -> list[Event]:
-    async with service.client.stream(
-        "POST",
-        f"/v1/conversations/{conversation_id}/messages",
-        json={"content": content},
-        headers=service.auth(user) | {"Accept": "text/event-stream"},
-    ) as response:
-        assert response.status_code == 200
-        return await collect_events(response)
-
-
 async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
     start_service: Any, sessionmaker: Any
 ) -> None:
@@ -165,7 +109,7 @@ async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
             ),
             Reply(tokens=["Added", " both", " tasks."]),
         )
-        events = await stream_turn(service, conversation["id"], "add milk and mom")
+        events = await service.stream(conversation["id"], "add milk and mom")
 
         kinds = [event.event for event in events]
         assert kinds[0] == "start"
@@ -221,7 +165,7 @@ async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
         assert await day_usage(sessionmaker, "alice") == 28
 
         # Replayed from the database: the same thing at every position, then the same end.
-        replayed = await follow(service, reply["id"])
+        replayed = await service.follow(reply["id"])
         assert by_position(replayed) == by_position(events)
         assert replayed[-1].data == events[-1].data
         conversation = (
@@ -242,15 +186,9 @@ async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
             Reply(tokens=["On", " it."], tool_calls=[("call_1", "add_task", '{"title": "x"}')]),
             Reply(tokens=["Done", " now", " really"], gate=gate),
         )
-        response = await send(service, conversation["id"], "add x", background=True)
+        response = await service.send(conversation["id"], "add x", background=True)
         reply_id = response.json()["assistant_message"]["id"]
         url = f"/v1/messages/{reply_id}/stream"
-
-        async def events_after(position: int) -> list[Event]:
-            headers = service.auth() | {"Last-Event-ID": f"{reply_id}:{position}"}
-            async with service.client.stream("GET", url, headers=headers) as stream:
-                assert stream.status_code == 200
-                return await collect_events(stream)
 
         # Live: the reply waits on the gate after its first answer token.
         async with service.client.stream("GET", url, headers=service.auth()) as stream:
@@ -261,7 +199,9 @@ async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
                     break
         assert [kind for kind, _ in shape(live)] == ["text", "tool_call", "tool_result", "text"]
         await eventually(lambda: _following(service, reply_id, 0))
-        resumed_live = asyncio.create_task(events_after(3))  # after "On " and a bit
+        resumed_live = asyncio.create_task(
+            service.follow(reply_id, after=3)
+        )  # after "On " and a bit
         # Open the gate only once the resumed stream follows the running reply.
         await eventually(lambda: _following(service, reply_id, 1))
         gate.set()
@@ -270,12 +210,12 @@ async def test_a_resumed_stream_replays_the_tool_events_live_and_stored(
         assert [kind for kind, _ in shape(resumed)[1:3]] == ["tool_call", "tool_result"]
         assert shape(resumed)[3] == ("text", "Done now really")
 
-        full = await events_after(0)
+        full = await service.follow(reply_id, after=0)
         call_event = next(e for e in full if e.event == "tool_call")
         assert call_event.id is not None
         position = int(call_event.id.rsplit(":", 1)[1])
         # Stored: from the database, the same events at the same positions.
-        stored_tail = await events_after(position)
+        stored_tail = await service.follow(reply_id, after=position)
         assert shape(stored_tail) == shape(full)[2:]
         assert next(e.id for e in stored_tail if e.event != "done") == f"{reply_id}:{position + 1}"
         assert full[-1].event == "done"
@@ -303,7 +243,7 @@ async def test_invalid_arguments_and_a_failing_tool_reach_the_model_as_errors(
             ),
             Reply(tokens=["Sorry", "."]),
         )
-        response = await send(service, conversation["id"], "go")
+        response = await service.send(conversation["id"], "go")
         assert response.status_code == 201, response.text
         body = response.json()
         assert body["assistant_message"]["content"] == "Sorry."
@@ -330,7 +270,7 @@ async def test_the_round_limit_holds(start_service: Any) -> None:
         conversation = await service.create_conversation(toolsets=["tasks"])
         # A model that keeps calling is told to answer after two rounds, and does.
         service.upstream.queue(calls, calls, Reply(tokens=["Nothing", " to", " do."]))
-        response = await send(service, conversation["id"], "loop")
+        response = await service.send(conversation["id"], "loop")
         assert response.status_code == 201
         sent = model_requests(service)
         assert [r.get("tool_choice") for r in sent] == [None, None, "none"]
@@ -339,7 +279,7 @@ async def test_the_round_limit_holds(start_service: Any) -> None:
         # One that calls anyway has no third round run for it.
         service.upstream.requests.clear()
         service.upstream.queue(calls, calls, calls)
-        response = await send(service, conversation["id"], "loop again")
+        response = await service.send(conversation["id"], "loop again")
         assert response.status_code == 502
         assert response.json()["code"] == "too_many_tool_rounds"
         assert len(model_requests(service)) == 3
@@ -355,7 +295,7 @@ async def test_a_user_id_the_model_writes_acts_only_for_the_caller(start_service
             Reply(tokens=[], tool_calls=[("b1", "add_task", '{"title": "bob secret"}')]),
             Reply(tokens=["ok"]),
         )
-        await stream_turn(service, bobs["id"], "add", user="bob")
+        await service.stream(bobs["id"], "add", user="bob")
         bob_task = json.loads(tool_messages(model_requests(service)[1])[0]["content"])
 
         alices = await service.create_conversation(toolsets=["tasks"])
@@ -372,7 +312,7 @@ async def test_a_user_id_the_model_writes_acts_only_for_the_caller(start_service
             ),
             Reply(tokens=["done"]),
         )
-        await stream_turn(service, alices["id"], "take over bob")
+        await service.stream(alices["id"], "take over bob")
         results = [json.loads(m["content"]) for m in tool_messages(model_requests(service)[1])]
         assert "user_id" in results[0]["error"]  # refused by the schema, not obeyed
         assert "no task with this id" in results[1]["error"]
@@ -384,7 +324,7 @@ async def test_a_user_id_the_model_writes_acts_only_for_the_caller(start_service
         service.upstream.queue(
             Reply(tokens=[], tool_calls=[("b2", "list_tasks", "{}")]), Reply(tokens=["ok"])
         )
-        await stream_turn(service, bobs["id"], "list", user="bob")
+        await service.stream(bobs["id"], "list", user="bob")
         listed = json.loads(tool_messages(model_requests(service)[1])[-1]["content"])
         assert [(t["title"], t["done"]) for t in listed["tasks"]] == [("bob secret", False)]
 
@@ -416,9 +356,9 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
             Reply(tokens=["Waiting"], tool_calls=[("w1", "wait", "{}"), ("q1", "quick", "{}")]),
             Reply(tokens=["never", " sent"]),
         )
-        response = await send(service, conversation["id"], "wait", background=True)
+        response = await service.send(conversation["id"], "wait", background=True)
         reply_id = response.json()["assistant_message"]["id"]
-        live = asyncio.create_task(follow(service, reply_id))
+        live = asyncio.create_task(service.follow(reply_id))
         await asyncio.wait_for(started.wait(), 5)
         await eventually(lambda: _following(service, reply_id, 1))
         cancel = await service.client.post(
@@ -439,12 +379,12 @@ async def test_a_cancelled_reply_runs_no_further_tool_call(start_service: Any) -
             ("tool_result", "error"),
             ("tool_result", "ok"),
         ]
-        replayed = await follow(service, reply_id)
+        replayed = await service.follow(reply_id)
         assert by_position(replayed) == by_position(seen)
         assert replayed[-1].data["tool_calls"] == seen[-1].data["tool_calls"]
         # The conversation can go on: the stored calls have their results for the next prompt.
         service.upstream.queue(Reply(tokens=["Hi"]))
-        await stream_turn(service, conversation["id"], "next")
+        await service.stream(conversation["id"], "next")
         history = model_requests(service)[-1]["messages"]
         assert [m["role"] for m in history[1:]] == ["user", "assistant", "tool", "tool", "user"]
 
@@ -461,7 +401,7 @@ async def test_ids_repeated_across_rounds_an_empty_answer_and_too_many_calls(
             Reply(tokens=[]),  # an empty answer after the tools is asked for again
             Reply(tokens=["Fine."]),
         )
-        events = await stream_turn(service, conversation["id"], "go")
+        events = await service.stream(conversation["id"], "go")
         done = events[-1].data
         assert done["assistant_message"]["content"] == "Fine."
         ids = [call["id"] for call in done["tool_calls"]]
@@ -470,7 +410,7 @@ async def test_ids_repeated_across_rounds_an_empty_answer_and_too_many_calls(
         assert [call["status"] for call in done["tool_calls"]] == ["ok"] * 17 + ["error"] * 2
         assert "at most 16 calls" in done["tool_calls"][-1]["result"]
         assert len(model_requests(service)) == 4
-        replayed = await follow(service, done["assistant_message"]["id"])
+        replayed = await service.follow(done["assistant_message"]["id"])
         assert replayed[-1].data["tool_calls"] == done["tool_calls"]
 
 
@@ -484,7 +424,7 @@ async def test_tool_results_that_outgrow_the_context_end_the_reply(start_service
         service.upstream.queue(
             Reply(tokens=[], tool_calls=[("b1", "big", "{}")]), Reply(tokens=["never"])
         )
-        response = await send(service, conversation["id"], "go")
+        response = await service.send(conversation["id"], "go")
         assert response.status_code == 413
         assert response.json()["code"] == "context_too_large"
         assert len(model_requests(service)) == 1
@@ -496,7 +436,7 @@ async def test_tool_rounds_count_against_the_daily_quota(
     # How many tokens the first call's prompt takes, tool definitions included.
     async with start_service() as service:
         conversation = await service.create_conversation(toolsets=["tasks"])
-        await stream_turn(service, conversation["id"], "hi")
+        await service.stream(conversation["id"], "hi")
         prompt = (await final_reply(service, conversation["id"]))["prompt_token_count"]
     # A fresh user's day has room for that prompt, not for the round's 31 tokens on top.
     service.upstream.requests.clear()
@@ -506,7 +446,7 @@ async def test_tool_rounds_count_against_the_daily_quota(
             Reply(tokens=["a"] * 20, tool_calls=[("q1", "list_tasks", "{}")]),
             Reply(tokens=["never"]),
         )
-        response = await send(service, conversation["id"], "hi", user="carol")
+        response = await service.send(conversation["id"], "hi", user="carol")
         assert response.status_code == 429
         assert response.json()["code"] == "quota_exceeded"
         assert len(model_requests(service)) == 1
@@ -544,8 +484,8 @@ async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: A
         )
         assert reports[1]["tools"] == {"toolsets": [], "offered": [], "tokens": 0}
 
-        await stream_turn(service, conversation["id"], "hi")
-        await stream_turn(service, none["id"], "hi")
+        await service.stream(conversation["id"], "hi")
+        await service.stream(none["id"], "hi")
         with_tools, without = model_requests(service)
         assert [t["function"]["name"] for t in with_tools["tools"]] == [
             "add_task",
@@ -562,7 +502,7 @@ async def test_which_toolsets_a_conversation_uses_is_part_of_it(start_service: A
             headers=service.auth(),
         )
         assert patched.json()["toolsets"] == []
-        await stream_turn(service, conversation["id"], "again")
+        await service.stream(conversation["id"], "again")
         assert "tools" not in model_requests(service)[-1]
         chat = await service.client.post(
             "/v1/chat", json={"message": "hi", "toolsets": ["tasks"]}, headers=service.auth()
@@ -584,7 +524,7 @@ async def test_an_mcp_server_over_stdio_serves_a_chat_turn(start_service: Any) -
             Reply(tokens=[], tool_calls=[("m1", "fixture__echo", '{"text": "hello mcp"}')]),
             Reply(tokens=["It", " echoed."]),
         )
-        events = await stream_turn(service, conversation["id"], "echo something")
+        events = await service.stream(conversation["id"], "echo something")
         assert events[-1].event == "done", events[-1].data
         names = {tool["function"]["name"] for tool in model_requests(service)[0]["tools"]}
         assert "fixture__echo" in names
@@ -609,8 +549,8 @@ async def test_a_later_turn_sends_the_calls_with_their_results(start_service: An
             Reply(tokens=["Added."]),
             Reply(tokens=["You", " have", " milk."]),
         )
-        await stream_turn(service, conversation["id"], "add milk")
-        await stream_turn(service, conversation["id"], "what did you do?")
+        await service.stream(conversation["id"], "add milk")
+        await service.stream(conversation["id"], "what did you do?")
         history = model_requests(service)[-1]["messages"]
         assert [(m["role"], m.get("tool_call_id")) for m in history[1:]] == [
             ("user", None),
@@ -638,7 +578,7 @@ async def test_a_checkpoint_taken_before_a_round_moved_the_reply_writes_nothing(
             Reply(tokens=["Round", " one"], tool_calls=[("h1", "hold", "{}")]),
             Reply(tokens=["Round", " two"]),
         )
-        response = await send(service, conversation["id"], "go", background=True)
+        response = await service.send(conversation["id"], "go", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
         generation = service.running(reply_id)
         assert generation is not None
@@ -672,7 +612,7 @@ async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
                 tokens=["Adding"], tool_calls=[("e1", "add_task", '{"title": "never"}')], gate=gate
             )
         )
-        response = await send(service, conversation["id"], "add never", background=True)
+        response = await service.send(conversation["id"], "add never", background=True)
         reply_id = uuid.UUID(response.json()["assistant_message"]["id"])
         generation = service.running(reply_id)
         assert generation is not None
@@ -697,12 +637,12 @@ async def test_a_reply_cancelled_elsewhere_runs_no_tools_and_still_counts(
 
 
 async def test_a_toolset_named_in_the_settings_is_imported_and_used(start_service: Any) -> None:
-    async with start_service(toolset_imports=["tests.test_tool_loop:SHOUT"]) as service:
+    async with start_service(toolset_imports=["tests.tools.test_tool_loop:SHOUT"]) as service:
         conversation = await service.create_conversation(toolsets=["shout"])
         service.upstream.queue(
             Reply(tokens=[], tool_calls=[("s1", "shout", '{"text": "hi"}')]), Reply(tokens=["ok"])
         )
-        await stream_turn(service, conversation["id"], "shout hi")
+        await service.stream(conversation["id"], "shout hi")
         result = json.loads(tool_messages(model_requests(service)[1])[0]["content"])
         assert result == {"shouted": "HI", "for": "alice"}
 
@@ -710,7 +650,7 @@ async def test_a_toolset_named_in_the_settings_is_imported_and_used(start_servic
 def test_a_toolset_import_that_fails_stops_the_start(make_settings: Any) -> None:
     for path, words in (
         ("tests.no_such_module:X", "cannot import"),
-        ("tests.test_tool_loop:FIXTURE_SERVER", "is not a Toolset"),
+        ("tests.tools.test_tool_loop:FIXTURE_SERVER", "is not a Toolset"),
     ):
         with pytest.raises(ConfigError, match=words):
             create_app(make_settings(toolset_imports=[path]))
@@ -727,7 +667,7 @@ async def test_a_conversation_that_names_no_toolsets_follows_the_default(
     async with start_service(default_toolsets=[]) as service:
         url = f"/v1/conversations/{conversation['id']}"
         assert (await service.client.get(url, headers=service.auth())).json()["toolsets"] == []
-        await stream_turn(service, conversation["id"], "hi")
+        await service.stream(conversation["id"], "hi")
         assert "tools" not in model_requests(service)[-1]
         # Naming them again, and following the default again.
         for toolsets, offered in ((["tasks"], True), (None, False)):
@@ -735,5 +675,5 @@ async def test_a_conversation_that_names_no_toolsets_follows_the_default(
                 url, json={"toolsets": toolsets}, headers=service.auth()
             )
             assert patched.json()["toolsets"] == (toolsets or [])
-            await stream_turn(service, conversation["id"], "hi")
+            await service.stream(conversation["id"], "hi")
             assert ("tools" in model_requests(service)[-1]) is offered

@@ -1,6 +1,6 @@
-"""A small third-party MCP server for the client tests: `python tests/mcp_fixture_server.py` serves
-over stdio, `... --http PORT` over streamable HTTP at /mcp (requiring `X-Api-Key: fixture-key`, so
-that the client's configured headers are seen to arrive).
+"""A small third-party MCP server for the client tests: `python tests/tools/mcp_fixture_server.py`
+serves over stdio, `... --http PORT` over streamable HTTP at /mcp (requiring `X-Api-Key:
+fixture-key`, so that the client's configured headers are seen to arrive).
 
 Tools: `echo` answers its text with the user the request's `_meta` names, `fail` ends in an error
 result, `slow` sleeps before answering. When FIXTURE_PID_FILE is set, the process writes its pid

@@ -77,11 +77,7 @@ async def test_health_checks_need_no_token(service: Service) -> None:
 
 async def test_another_users_conversation_is_404_everywhere(service: Service) -> None:
     conversation = await service.create_conversation("alice", title="private")
-    await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "my secret"},
-        headers=service.auth("alice"),
-    )
+    await service.send(conversation["id"], "my secret", user="alice")
     requests_before = len(service.upstream.requests)
     for method, path in ROUTES:
         if "{id}" not in path:

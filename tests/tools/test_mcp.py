@@ -20,9 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from chatbot.auth.tokens import issue_token
 from chatbot.config import Settings
-from tests.support import JWT_SECRET, eventually, free_port, listening
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import JWT_SECRET, ROOT, eventually, free_port, listening
 
 
 def _token(user_id: str) -> str:

@@ -89,11 +89,7 @@ async def test_stored_reply_equals_the_streamed_deltas(service: Service) -> None
 
 async def test_json_fallback_returns_the_stored_messages(service: Service) -> None:
     conversation = await service.create_conversation()
-    response = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "Hi"},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation["id"], "Hi")
     assert response.status_code == 201
     body = response.json()
     stored = await service.messages(conversation["id"])
@@ -115,10 +111,8 @@ async def test_json_fallback_returns_the_stored_messages(service: Service) -> No
 async def test_upstream_receives_system_prompt_history_and_parameters(service: Service) -> None:
     conversation = await service.create_conversation(system_prompt="You are terse.")
     for content in ("First question", "Second question"):
-        response = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": content, "temperature": 0.3, "max_output_tokens": 50},
-            headers=service.auth(),
+        response = await service.send(
+            conversation["id"], content, temperature=0.3, max_output_tokens=50
         )
         assert response.status_code == 201
 
@@ -140,11 +134,7 @@ async def test_history_is_bounded(start_service: Any) -> None:
     async with start_service(history_messages=2) as service:
         conversation = await service.create_conversation()
         for index in range(3):
-            response = await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": f"question {index}"},
-                headers=service.auth(),
-            )
+            response = await service.send(conversation["id"], f"question {index}")
             assert response.status_code == 201
             await service.state.chores.idle()
         sent = service.upstream.requests[-1].body["messages"]
@@ -158,13 +148,7 @@ async def test_history_is_bounded(start_service: Any) -> None:
 
 
 async def test_one_call_chat_creates_the_conversation(service: Service) -> None:
-    async with service.client.stream(
-        "POST",
-        "/v1/chat",
-        json={"message": "Hello there", "title": "Greetings", "metadata": {"app": "test"}},
-        headers={**service.auth(), "Accept": "text/event-stream"},
-    ) as response:
-        events = await collect_events(response)
+    events = await service.stream_chat("Hello there", title="Greetings", metadata={"app": "test"})
     assert events[0].event == "start"
     assert events[-1].event == "done"
     conversation_id = events[0].data["conversation_id"]
@@ -201,7 +185,7 @@ async def test_second_turn_during_a_reply_is_409(service: Service) -> None:
         events = read_events(response)
         await anext(events)
         await anext(events)
-        second = await service.client.post(url, json={"content": "two"}, headers=service.auth())
+        second = await service.send(conversation["id"], "two")
         assert second.status_code == 409
         assert second.headers["content-type"] == "application/problem+json"
         assert second.json()["code"] == "reply_in_progress"
@@ -209,7 +193,7 @@ async def test_second_turn_during_a_reply_is_409(service: Service) -> None:
         [event async for event in events]
 
     # Once the reply is stored the conversation takes turns again, and "two" was never stored.
-    third = await service.client.post(url, json={"content": "three"}, headers=service.auth())
+    third = await service.send(conversation["id"], "three")
     assert third.status_code == 201
     contents = [message["content"] for message in await service.messages(conversation["id"])]
     assert contents == ["one", "Hello, world!", "three", "Hello, world!"]
@@ -218,12 +202,9 @@ async def test_second_turn_during_a_reply_is_409(service: Service) -> None:
 async def test_concurrent_turns_race_for_one_slot(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.default = Reply(first_token_delay=0.2)
-    url = f"/v1/conversations/{conversation['id']}/messages"
 
     async def send(index: int) -> int:
-        response = await service.client.post(
-            url, json={"content": f"m{index}"}, headers=service.auth()
-        )
+        response = await service.send(conversation["id"], f"m{index}")
         return response.status_code
 
     statuses = await asyncio.gather(*(send(index) for index in range(5)))

@@ -14,7 +14,7 @@ import redis.asyncio as redis_client
 
 from chatbot.cli import RedactTokens
 from tests.fake_upstream import Reply
-from tests.support import Service, eventually
+from tests.support import Service, TcpProxy, eventually
 
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -30,11 +30,7 @@ QUERIES: dict[tuple[str, str], dict[str, str]] = {
 
 async def _alice_ids(service: Service) -> dict[str, str]:
     conversation = await service.create_conversation("alice", title="private")
-    response = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "my secret"},
-        headers=service.auth("alice"),
-    )
+    response = await service.send(conversation["id"], "my secret", user="alice")
     return {
         "conversation_id": conversation["id"],
         "message_id": response.json()["assistant_message"]["id"],
@@ -151,17 +147,9 @@ async def test_concurrent_replies_are_capped_per_user(start_service: Any) -> Non
         service.upstream.default = Reply(gate=gate)
         conversations = [await service.create_conversation() for _ in range(3)]
         for conversation in conversations[:2]:
-            started = await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "hold", "background": True},
-                headers=service.auth(),
-            )
+            started = await service.send(conversation["id"], "hold", background=True)
             assert started.status_code == 202
-        third = await service.client.post(
-            f"/v1/conversations/{conversations[2]['id']}/messages",
-            json={"content": "one too many"},
-            headers=service.auth(),
-        )
+        third = await service.send(conversations[2]["id"], "one too many")
         assert third.status_code == 429
         assert third.json()["code"] == "too_many_replies"
         assert third.headers["retry-after"]
@@ -175,11 +163,7 @@ async def test_concurrent_replies_are_capped_per_user(start_service: Any) -> Non
         listed = await service.client.get("/v1/conversations", headers=service.auth())
         assert len(listed.json()["data"]) == 3
         other_user = await service.create_conversation("bob")
-        bob = await service.client.post(
-            f"/v1/conversations/{other_user['id']}/messages",
-            json={"content": "mine", "background": True},
-            headers=service.auth("bob"),
-        )
+        bob = await service.send(other_user["id"], "mine", user="bob", background=True)
         assert bob.status_code == 202
         gate.set()
 
@@ -189,12 +173,9 @@ async def test_the_daily_token_quota_is_checked_before_the_model_is_called(
 ) -> None:
     async with start_service(daily_token_quota=60) as service:
         conversation = await service.create_conversation()
-        url = f"/v1/conversations/{conversation['id']}/messages"
-        first = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+        first = await service.send(conversation["id"], "hi")
         assert first.status_code == 201  # the fake upstream reports 15 tokens of usage
-        second = await service.client.post(
-            url, json={"content": "word " * 30}, headers=service.auth()
-        )
+        second = await service.send(conversation["id"], "word " * 30)
         assert second.status_code == 429
         assert second.json()["code"] == "quota_exceeded"
         assert int(second.headers["retry-after"]) <= 86_400
@@ -301,11 +282,7 @@ async def test_no_token_or_key_reaches_the_logs(
     token = service.auth()["Authorization"].removeprefix("Bearer ")
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(status=401, error={"error": {"message": "bad key sk-test-key"}}))
-    await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "hi"},
-        headers=service.auth(),
-    )
+    await service.send(conversation["id"], "hi")
     await service.client.get("/v1/conversations", headers={"Authorization": "Bearer forged.jwt.x"})
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert token not in logged
@@ -329,50 +306,6 @@ async def test_no_token_or_key_reaches_the_logs(
     assert "secret" not in record.getMessage()
 
 
-class _Proxy:
-    """A TCP proxy to PostgreSQL that can go down and come back, like a restarting server."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def down(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            "127.0.0.1", self.target_port
-        )
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                sink.close()
-
-        tasks = {
-            asyncio.create_task(pipe(reader, upstream_writer)),
-            asyncio.create_task(pipe(upstream_reader, writer)),
-        }
-        self._pipes |= tasks
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._pipes -= tasks
-
-
 async def test_the_service_survives_a_database_restart(
     database_url: str, start_service: Any
 ) -> None:
@@ -381,36 +314,27 @@ async def test_the_service_survives_a_database_restart(
     from sqlalchemy.engine import make_url
 
     url = make_url(database_url)
-    proxy = _Proxy(url.port or 5432)
-    await proxy.up()
+    proxy = await TcpProxy("127.0.0.1", url.port or 5432).start()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     async with start_service(database_url=proxied) as service:
         conversation = await service.create_conversation()
-        await proxy.down()
+        await proxy.refuse()
         outage = await service.client.get("/v1/conversations", headers=service.auth())
         assert outage.status_code == 503
         assert outage.json()["code"] == "database_unavailable"
         assert outage.headers["content-type"] == "application/problem+json"
         assert (await service.client.get("/readyz")).status_code == 503
-        send = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "during the outage"},
-            headers=service.auth(),
-        )
+        send = await service.send(conversation["id"], "during the outage")
         assert send.status_code == 503
-        await proxy.up()
+        await proxy.start()
         await eventually(lambda: True)
         back = await service.client.get("/v1/conversations", headers=service.auth())
         assert back.status_code == 200
         assert [item["id"] for item in back.json()["data"]] == [conversation["id"]]
-        turn = await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "after"},
-            headers=service.auth(),
-        )
+        turn = await service.send(conversation["id"], "after")
         assert turn.status_code == 201
     with contextlib.suppress(Exception):
-        await proxy.down()
+        await proxy.stop()
 
 
 async def test_a_repeated_query_parameter_is_refused(service: Service) -> None:

@@ -15,14 +15,19 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.pool import NullPool
 
-from chatbot.conversations.models import Conversation
 from chatbot.messages.models import Message, MessageStatus, Role
 from tests.fake_upstream import Reply
-from tests.support import Event, Service, collect_events, eventually, read_events
+from tests.support import (
+    Event,
+    Service,
+    Stored,
+    collect_events,
+    eventually,
+    read_events,
+    read_stored,
+    streamed_text,
+)
 
 FINAL_STATUSES = {
     MessageStatus.COMPLETED,
@@ -168,41 +173,13 @@ UPSTREAM_FAULTS = {
 # --- what must hold after every fault ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stored:
-    rows: list[Message]
-    conversation: Conversation
-
-    @property
-    def replies(self) -> list[Message]:
-        return [row for row in self.rows if row.role is Role.ASSISTANT]
-
-
-async def _read_database(service: Service, conversation_id: str) -> Stored:
-    """The conversation's rows as the database holds them, read past the service."""
-    engine = create_async_engine(service.settings.database_url, poolclass=NullPool)
-    try:
-        async with AsyncSession(engine) as session:
-            rows = await session.scalars(
-                select(Message)
-                .where(Message.conversation_id == uuid.UUID(conversation_id))
-                .order_by(Message.seq)
-            )
-            messages = list(rows)
-            conversation = await session.get(Conversation, uuid.UUID(conversation_id))
-    finally:
-        await engine.dispose()
-    assert conversation is not None
-    return Stored(messages, conversation)
-
-
 async def assert_settled(
     service: Service, conversation_id: str, sent: list[str], *, seconds: float = 5.0
 ) -> Stored:
     """Once no reply runs: each message sent is stored once, exactly, and answered by one reply
     row with a final status; the conversation is free; the API shows what the database holds."""
     await eventually(lambda: not service.state.replies.registry.running(), seconds)
-    stored = await _read_database(service, conversation_id)
+    stored = await read_stored(service.settings.database_url, conversation_id)
 
     assert [row.role for row in stored.rows] == [Role.USER, Role.ASSISTANT] * len(sent)
     assert [row.content for row in stored.rows if row.role is Role.USER] == sent
@@ -227,11 +204,7 @@ async def assert_takes_the_next_turn(
     service.upstream.script.clear()
     service.upstream.queue(Reply(tokens=["Next", " turn"]))
     follow_up = "And now? (after the fault)"
-    response = await service.client.post(
-        f"/v1/conversations/{conversation_id}/messages",
-        json={"content": follow_up},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation_id, follow_up)
     assert response.status_code == 201, response.text
     assert response.json()["assistant_message"]["status"] == "completed"
     stored = await assert_settled(service, conversation_id, [*sent, follow_up])
@@ -277,10 +250,6 @@ def assert_one_ending(events: list[Event], message_id: str) -> Event:
     return last
 
 
-def streamed_text(events: list[Event]) -> str:
-    return "".join(event.data["content"] for event in events if event.event == "delta")
-
-
 # --- upstream faults --------------------------------------------------------------------------
 
 
@@ -320,11 +289,7 @@ async def _send_streaming(
 async def _send_json(
     service: Service, conversation_id: str, content: str, fault: UpstreamFault
 ) -> str:
-    response = await service.client.post(
-        f"/v1/conversations/{conversation_id}/messages",
-        json={"content": content},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation_id, content)
     assert response.status_code == fault.http_status, response.text
     body = response.json()
     assert body["conversation_id"] == conversation_id
@@ -427,11 +392,7 @@ async def test_client_disconnecting_mid_stream(
             assert service.upstream.disconnects == 0
 
         # Coming back, the client gets the whole reply, once, and how it ended.
-        async with service.client.stream(
-            "GET", f"/v1/messages/{message_id}/stream", headers=service.auth()
-        ) as followed:
-            assert followed.status_code == 200
-            replayed = await collect_events(followed)
+        replayed = await service.follow(message_id)
         assert replayed[0].data["user_message"]["content"] == content
         last = assert_one_ending(replayed, message_id)
         assert last.event == "done"

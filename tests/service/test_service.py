@@ -28,23 +28,12 @@ from chatbot.db import Base, create_engine, migrate
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.tasks import models as _tasks  # noqa: F401  (its table is in the migrations)
 from tests.fake_upstream import FakeUpstream, Reply
-from tests.support import JWT_SECRET, collect_events, eventually, free_port
-
-
-async def _chat_events(service: Any, message: str) -> list[Any]:
-    """`POST /v1/chat` for a new conversation, answered as SSE."""
-    async with service.client.stream(
-        "POST",
-        "/v1/chat",
-        json={"message": message},
-        headers={**service.auth(), "Accept": "text/event-stream"},
-    ) as response:
-        return await collect_events(response)
+from tests.support import JWT_SECRET, eventually, free_port
 
 
 async def test_demo_model_answers_when_no_provider_is_configured(start_service: Any) -> None:
     async with start_service(openai_base_url=None, openai_api_key=None, demo_delay_ms=1) as service:
-        events = await _chat_events(service, "Hello demo")
+        events = await service.stream_chat("Hello demo")
         deltas = [event for event in events if event.event == "delta"]
         assert len(deltas) > 10
         done = events[-1].data["assistant_message"]
@@ -62,7 +51,7 @@ async def test_the_demo_model_runs_the_task_tools_with_the_default_settings(
     async with start_service(
         openai_base_url=None, openai_api_key=None, demo_delay_ms=1, default_toolsets=defaults
     ) as service:
-        events = await _chat_events(service, "Add a task to buy milk")
+        events = await service.stream_chat("Add a task to buy milk")
         call = next(event.data for event in events if event.event == "tool_call")
         assert (call["name"], json.loads(call["arguments"])) == ("add_task", {"title": "buy milk"})
         result = next(event.data for event in events if event.event == "tool_result")

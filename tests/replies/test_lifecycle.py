@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -23,26 +23,15 @@ from chatbot.replies.live import ReplyRef
 from chatbot.replies.registry import ReplyRegistry
 from chatbot.replies.service import Replies
 from tests.fake_upstream import Reply
-from tests.support import Service, collect_events, eventually, read_events
+from tests.support import Service, collect_events, eventually, read_events, read_stored
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
-
-
-def _sessions(service: Service) -> async_sessionmaker[AsyncSession]:
-    return service.state.sessionmaker
-
-
-async def _stored(service: Service, message_id: str) -> Message:
-    async with _sessions(service)() as session:
-        message = await session.get(Message, uuid.UUID(message_id))
-    assert message is not None
-    return message
 
 
 async def _stored_if(
     service: Service, message_id: str, condition: Callable[[Message], object]
 ) -> Message | None:
-    message = await _stored(service, message_id)
+    message = await service.stored_message(message_id)
     return message if condition(message) else None
 
 
@@ -85,7 +74,7 @@ async def test_cancel_mid_reply_keeps_the_partial_text_and_closes_the_upstream(
     assert rest[-1].event == "done"
     assert rest[-1].data["assistant_message"]["status"] == "cancelled"
     assert follower_rest[-1].event == "done"
-    stored = await _stored(service, message_id)
+    stored = await service.stored_message(message_id)
     assert stored.status is MessageStatus.CANCELLED
     assert stored.content == "Never"
     # The upstream saw its connection closed while it still held the rest of the reply.
@@ -96,23 +85,13 @@ async def test_cancel_mid_reply_keeps_the_partial_text_and_closes_the_upstream(
     assert again.status_code == 200
     assert again.json()["assistant_message"]["status"] == "cancelled"
     # The conversation takes the next turn.
-    next_turn = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "again"},
-        headers=service.auth(),
-    )
+    next_turn = await service.send(conversation["id"], "again")
     assert next_turn.status_code == 201
 
 
 async def test_cancelling_a_finished_reply_changes_nothing(service: Service) -> None:
     conversation = await service.create_conversation()
-    body = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "hi"},
-            headers=service.auth(),
-        )
-    ).json()
+    body = (await service.send(conversation["id"], "hi")).json()
     message_id = body["assistant_message"]["id"]
     response = await service.client.post(
         f"/v1/messages/{message_id}/cancel", headers=service.auth()
@@ -126,20 +105,14 @@ async def test_running_replies_are_checkpointed(start_service: Any) -> None:
         conversation = await service.create_conversation()
         gate = asyncio.Event()
         service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
-        body = (
-            await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "sing", "background": True},
-                headers=service.auth(),
-            )
-        ).json()
+        body = (await service.send(conversation["id"], "sing", background=True)).json()
         message_id = body["assistant_message"]["id"]
         stored = await eventually(lambda: _stored_if(service, message_id, lambda m: m.content))
         assert stored.content == "Never"
         assert stored.status is MessageStatus.IN_PROGRESS
         first_checkpoint = stored.checkpoint_at
         await asyncio.sleep(0.3)
-        assert (await _stored(service, message_id)).checkpoint_at != first_checkpoint
+        assert (await service.stored_message(message_id)).checkpoint_at != first_checkpoint
         gate.set()
 
 
@@ -193,16 +166,12 @@ async def test_replies_left_by_a_dead_process_are_marked_incomplete(
     await engine.dispose()
 
     async with start_service(stale_reply_seconds=5) as service:
-        stored = await _stored(service, str(message_id))
+        stored = await service.stored_message(str(message_id))
         assert stored.status is MessageStatus.INCOMPLETE
         assert stored.content == "Half of it"
         assert stored.error is not None
         assert stored.error["code"] == "interrupted"
-        turn = await service.client.post(
-            f"/v1/conversations/{conversation_id}/messages",
-            json={"content": "still there?"},
-            headers=service.auth(),
-        )
+        turn = await service.send(str(conversation_id), "still there?")
         assert turn.status_code == 201
 
 
@@ -211,16 +180,10 @@ async def test_a_reply_running_in_another_process_is_followed_through_the_databa
 ) -> None:
     async with start_service(checkpoint_seconds=0.05) as service:
         conversation = await service.create_conversation()
-        body = (
-            await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "hi"},
-                headers=service.auth(),
-            )
-        ).json()
+        body = (await service.send(conversation["id"], "hi")).json()
         message_id = uuid.UUID(body["assistant_message"]["id"])
         # Pretend another instance is generating it: in progress, and not in our registry.
-        async with _sessions(service)() as session:
+        async with service.state.sessionmaker() as session:
             await session.execute(
                 update(Message)
                 .where(Message.id == message_id)
@@ -230,7 +193,7 @@ async def test_a_reply_running_in_another_process_is_followed_through_the_databa
 
         async def other_instance() -> None:
             await asyncio.sleep(0.2)
-            async with _sessions(service)() as session:
+            async with service.state.sessionmaker() as session:
                 await session.execute(
                     update(Message)
                     .where(Message.id == message_id)
@@ -276,27 +239,15 @@ async def test_shutdown_lets_replies_finish_within_the_grace_period(start_servic
     async with start_service(shutdown_grace_seconds=5) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(tokens=TOKENS, token_delay=0.1))
-        body = (
-            await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "sing", "background": True},
-                headers=service.auth(),
-            )
-        ).json()
-        sessionmaker = _sessions(service)
+        body = (await service.send(conversation["id"], "sing", background=True)).json()
+        sessionmaker = service.state.sessionmaker
         database_url = service.settings.database_url
-    engine = create_engine(database_url)
-    try:
-        async with create_sessionmaker(engine)() as session:
-            stored = await session.scalar(
-                select(Message).where(Message.id == uuid.UUID(body["assistant_message"]["id"]))
-            )
-    finally:
-        await engine.dispose()
+    stored = await read_stored(database_url, conversation["id"])
     assert sessionmaker is not None
-    assert stored is not None
-    assert stored.status is MessageStatus.COMPLETED
-    assert stored.content == "".join(TOKENS)
+    [reply] = stored.replies
+    assert str(reply.id) == body["assistant_message"]["id"]
+    assert reply.status is MessageStatus.COMPLETED
+    assert reply.content == "".join(TOKENS)
 
 
 async def test_deleting_a_conversation_mid_reply_stops_the_reply(service: Service) -> None:
@@ -305,12 +256,7 @@ async def test_deleting_a_conversation_mid_reply_stops_the_reply(service: Servic
     service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
     url = f"/v1/conversations/{conversation['id']}"
 
-    async def send() -> Any:
-        return await service.client.post(
-            f"{url}/messages", json={"content": "sing"}, headers=service.auth()
-        )
-
-    pending = asyncio.create_task(send())
+    pending = asyncio.create_task(service.send(conversation["id"], "sing"))
     await eventually(lambda: service.upstream.requests)
     await asyncio.sleep(0.1)
     deleted = await service.client.delete(url, headers=service.auth())
@@ -349,11 +295,7 @@ async def _turn_with_failing_commits(
     app.dependency_overrides[get_replies] = lambda: replies
     conversation = await service.create_conversation()
     try:
-        return conversation["id"], await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "hi"},
-            headers=service.auth(),
-        )
+        return conversation["id"], await service.send(conversation["id"], "hi")
     finally:
         app.dependency_overrides.clear()
 
@@ -372,24 +314,20 @@ async def test_a_reply_that_cannot_be_stored_still_frees_its_conversation(
     conversation_id, response = await _turn_with_failing_commits(
         service, failures=1, retry_seconds=0.01
     )
-    url = f"/v1/conversations/{conversation_id}/messages"
     assert response.status_code == 503
     assert response.json()["code"] == "storage_failed"
     reply = (await service.messages(conversation_id))[-1]
     assert reply["status"] == "incomplete"
     assert reply["error"]["code"] == "storage_failed"
-    again = await service.client.post(url, json={"content": "hi"}, headers=service.auth())
+    assert reply["content"] == "Hello, world!"  # the last store keeps the text
+    again = await service.send(conversation_id, "hi")
     assert again.status_code == 201
 
 
 async def test_nul_bytes_from_the_model_are_replaced_not_fatal(service: Service) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=["a\u0000b", "\u0000", "c"], model="m" * 300))
-    response = await service.client.post(
-        f"/v1/conversations/{conversation['id']}/messages",
-        json={"content": "hi"},
-        headers=service.auth(),
-    )
+    response = await service.send(conversation["id"], "hi")
     assert response.status_code == 201
     reply = response.json()["assistant_message"]
     assert reply["content"] == "a\ufffdb\ufffdc"
@@ -420,20 +358,14 @@ async def test_a_reply_cancelled_on_another_instance_stops_here(start_service: A
         conversation = await service.create_conversation()
         gate = asyncio.Event()
         service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
-        body = (
-            await service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "sing", "background": True},
-                headers=service.auth(),
-            )
-        ).json()
+        body = (await service.send(conversation["id"], "sing", background=True)).json()
         message_id = uuid.UUID(body["assistant_message"]["id"])
         async with service.client.stream("GET", body["stream_url"]) as response:
             events = read_events(response)
             await anext(events)
             assert (await anext(events)).data == {"content": "Never"}
             # Another instance's cancel endpoint wrote this.
-            async with _sessions(service)() as session:
+            async with service.state.sessionmaker() as session:
                 await session.execute(
                     update(Message)
                     .where(Message.id == message_id)
@@ -451,15 +383,9 @@ async def test_a_conversation_deleted_elsewhere_stops_its_reply(start_service: A
     async with start_service(checkpoint_seconds=0.05) as service:
         conversation = await service.create_conversation()
         service.upstream.queue(Reply(tokens=TOKENS, gate=asyncio.Event()))
-        pending = asyncio.create_task(
-            service.client.post(
-                f"/v1/conversations/{conversation['id']}/messages",
-                json={"content": "sing"},
-                headers=service.auth(),
-            )
-        )
+        pending = asyncio.create_task(service.send(conversation["id"], "sing"))
         await eventually(lambda: service.upstream.requests)
-        async with _sessions(service)() as session:
+        async with service.state.sessionmaker() as session:
             await session.execute(
                 delete(Conversation).where(Conversation.id == uuid.UUID(conversation["id"]))
             )
@@ -476,13 +402,7 @@ async def test_the_sweep_and_checkpoints_leave_live_and_finishing_replies_alone(
     conversation = await service.create_conversation()
     gate = asyncio.Event()
     service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
-    body = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "sing", "background": True},
-            headers=service.auth(),
-        )
-    ).json()
+    body = (await service.send(conversation["id"], "sing", background=True)).json()
     message_id = uuid.UUID(body["assistant_message"]["id"])
     replies = service.state.replies
     eager = ReplyKeeper(
@@ -497,7 +417,7 @@ async def test_the_sweep_and_checkpoints_leave_live_and_finishing_replies_alone(
     generation = service.running(message_id)
     assert generation is not None
     generation.begin_finishing()  # as during the final store...
-    async with _sessions(service)() as session:  # ...which has already committed
+    async with service.state.sessionmaker() as session:  # ...which has already committed
         await session.execute(
             update(Message).where(Message.id == message_id).values(status=MessageStatus.COMPLETED)
         )
@@ -512,13 +432,7 @@ async def test_resuming_inside_a_token_of_a_live_reply(service: Service) -> None
     conversation = await service.create_conversation()
     gate = asyncio.Event()
     service.upstream.queue(Reply(tokens=TOKENS, gate=gate))
-    body = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "sing", "background": True},
-            headers=service.auth(),
-        )
-    ).json()
+    body = (await service.send(conversation["id"], "sing", background=True)).json()
     message_id = body["assistant_message"]["id"]
     await eventually(lambda: service.upstream.requests)
     await asyncio.sleep(0.05)
@@ -541,13 +455,7 @@ async def test_resuming_inside_a_token_of_a_live_reply(service: Service) -> None
 
 async def test_a_fresh_stream_url_for_an_existing_reply(service: Service) -> None:
     conversation = await service.create_conversation()
-    body = (
-        await service.client.post(
-            f"/v1/conversations/{conversation['id']}/messages",
-            json={"content": "hi"},
-            headers=service.auth(),
-        )
-    ).json()
+    body = (await service.send(conversation["id"], "hi")).json()
     message_id = body["assistant_message"]["id"]
     minted = await service.client.post(
         f"/v1/messages/{message_id}/stream_url", headers=service.auth()

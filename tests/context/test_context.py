@@ -5,6 +5,7 @@ import json
 import uuid
 from typing import Any
 
+import httpx
 from sqlalchemy import event, update
 
 from chatbot.context.builder import ContextBuilder, ContextTooLarge
@@ -33,12 +34,11 @@ def _prompt_tokens(sent: list[dict[str, Any]]) -> int:
     return total
 
 
-async def _turn(service: Service, conversation_id: str, content: str, **extra: Any) -> Any:
-    response = await service.client.post(
-        f"/v1/conversations/{conversation_id}/messages",
-        json={"content": content, **extra},
-        headers=service.auth(),
-    )
+async def _turn(
+    service: Service, conversation_id: str, content: str, **extra: Any
+) -> httpx.Response:
+    """A turn answered as JSON, once the chores it left (title, summary) are done."""
+    response = await service.send(conversation_id, content, **extra)
     await service.state.chores.idle()
     return response
 

@@ -12,7 +12,8 @@ from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextD
 from chatbot.llm.demo import DemoChatClient
 from chatbot.tasks.models import Task
 from chatbot.tasks.tools import TASKS, task_out
-from chatbot.tools.base import ToolContext, error_result, run_tool
+from chatbot.tools.base import error_result
+from tests.support import model_events, run_task_tool
 
 TOOLS = [tool.to_openai() for tool in TASKS.tools]
 
@@ -24,7 +25,7 @@ async def _run(
     tool_choice: str | None = None,
 ) -> tuple[str, Completion]:
     request = CompletionRequest("m", messages, tools=tools, tool_choice=tool_choice)
-    events = [event async for event in DemoChatClient(delay_seconds=0).stream(request)]
+    events = await model_events(DemoChatClient(delay_seconds=0), request)
     *deltas, completion = events
     assert isinstance(completion, Completion)
     assert all(isinstance(delta, TextDelta) for delta in deltas)
@@ -222,15 +223,7 @@ async def test_the_whole_loop_against_the_real_tools(
                 )
             )
             for call in completion.tool_calls:
-                tool = TASKS.get(call.name)
-                assert tool is not None
-                result = await run_tool(
-                    tool,
-                    ToolContext("alice", sessionmaker),
-                    call.arguments,
-                    timeout_seconds=5,
-                    max_result_chars=16_000,
-                )
+                result = await run_task_tool(sessionmaker, "alice", call.name, call.arguments)
                 messages.append(ChatMessage("tool", result.content, tool_call_id=call.id))
         raise AssertionError("the demo model kept calling tools")
 
