@@ -23,7 +23,14 @@ from chatbot.replies.live import ReplyRef
 from chatbot.replies.registry import ReplyRegistry
 from chatbot.replies.service import Replies
 from tests.fake_upstream import Reply
-from tests.support import Service, collect_events, eventually, read_events, read_stored
+from tests.support import (
+    Service,
+    collect_events,
+    day_usage,
+    eventually,
+    read_events,
+    read_stored,
+)
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
 
@@ -269,19 +276,29 @@ async def test_deleting_a_conversation_mid_reply_stops_the_reply(service: Servic
 
 
 class _FirstCommitFails(AsyncSession):
-    """A session whose first commit in the test fails as if the database went away."""
+    """A session whose first commits in the test fail as if the database went away; with
+    `landing`, the commit goes through first and the failure is only reported (a connection
+    lost while the server's acknowledgement was on its way)."""
 
     failures = 1
+    landing = False
 
     async def commit(self) -> None:
         if _FirstCommitFails.failures:
             _FirstCommitFails.failures -= 1
+            if _FirstCommitFails.landing:
+                await super().commit()
             raise OperationalError("COMMIT", {}, ConnectionError("database went away"))
         await super().commit()
 
 
 async def _turn_with_failing_commits(
-    service: Service, failures: int, retry_seconds: float
+    service: Service,
+    failures: int,
+    retry_seconds: float,
+    *,
+    landing: bool = False,
+    toolsets: list[str] | None = None,
 ) -> tuple[str, httpx.Response]:
     """A turn whose replies are stored through sessions whose first commits fail."""
     app, state = service.server.app, service.state
@@ -289,14 +306,80 @@ async def _turn_with_failing_commits(
         async_sessionmaker[AsyncSession],
         async_sessionmaker(state.engine, class_=_FirstCommitFails, expire_on_commit=False),
     )
-    _FirstCommitFails.failures = failures
     settings = service.settings.model_copy(update={"store_retry_seconds": retry_seconds})
     replies = Replies(settings, failing, state.llm, TokenCounter())
     app.dependency_overrides[get_replies] = lambda: replies
-    conversation = await service.create_conversation()
+    conversation = await service.create_conversation(toolsets=toolsets or [])
+    _FirstCommitFails.failures, _FirstCommitFails.landing = failures, landing
     try:
         return conversation["id"], await service.send(conversation["id"], "hi")
     finally:
+        app.dependency_overrides.clear()
+
+
+async def test_a_store_that_landed_though_it_reported_a_failure_is_not_written_twice(
+    service: Service,
+) -> None:
+    conversation_id, response = await _turn_with_failing_commits(
+        service, failures=1, retry_seconds=5, landing=True
+    )
+    assert response.status_code == 201, response.text
+    reply = response.json()["assistant_message"]
+    assert (reply["status"], reply["content"]) == ("completed", "Hello, world!")
+    assert (await service.messages(conversation_id))[-1] == reply
+    # The fake upstream reports 11 prompt tokens and one per token: counted once.
+    assert await day_usage(service.state.sessionmaker, "alice") == 15
+
+
+async def test_a_tool_round_whose_store_landed_though_it_failed_is_stored_once(
+    service: Service,
+) -> None:
+    service.upstream.queue(
+        Reply(tokens=["Adding"], tool_calls=[("call_1", "add_task", '{"title": "milk"}')]),
+        Reply(tokens=["Done"]),
+    )
+    conversation_id, response = await _turn_with_failing_commits(
+        service, failures=1, retry_seconds=5, landing=True, toolsets=["tasks"]
+    )
+    assert response.status_code == 201, response.text
+    stored = await service.messages(conversation_id)
+    assert [(m["role"], m["content"][:6], m["status"]) for m in stored] == [
+        ("user", "hi", "completed"),
+        ("assistant", "Adding", "completed"),
+        ("tool", stored[2]["content"][:6], "completed"),
+        ("assistant", "Done", "completed"),
+    ]
+    assert stored[1]["tool_calls"][0]["function"]["name"] == "add_task"
+    assert stored[2]["tool_call_id"] == stored[1]["tool_calls"][0]["id"]
+    assert await day_usage(service.state.sessionmaker, "alice") == 12 + 12
+
+
+async def test_a_store_cut_short_by_a_shutdown_still_tells_its_followers(
+    service: Service,
+) -> None:
+    app, state = service.server.app, service.state
+    failing = cast(
+        async_sessionmaker[AsyncSession],
+        async_sessionmaker(state.engine, class_=_FirstCommitFails, expire_on_commit=False),
+    )
+    settings = service.settings.model_copy(update={"store_retry_seconds": 60})
+    replies = Replies(settings, failing, state.llm, TokenCounter())
+    app.dependency_overrides[get_replies] = lambda: replies
+    conversation = await service.create_conversation()
+    _FirstCommitFails.failures, _FirstCommitFails.landing = 10**6, False
+    try:
+        started = await service.send(conversation["id"], "hi", background=True)
+        reply = replies.registry.get(uuid.UUID(started.json()["assistant_message"]["id"]))
+        assert reply is not None
+        await eventually(lambda: reply.finishing)  # its store retries a database that is away
+        await replies.registry.shutdown(0.1)
+        outcome = reply.outcome
+        assert outcome is not None
+        assert outcome.problem is not None
+        assert outcome.problem["code"] == "shutdown"
+        assert len(replies.registry) == 0
+    finally:
+        _FirstCommitFails.failures = 0
         app.dependency_overrides.clear()
 
 

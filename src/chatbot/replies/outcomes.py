@@ -59,18 +59,26 @@ def stored_items(turn: list[Message], reply: Message) -> list[Item]:
     return items
 
 
+def without_end(
+    message_id: uuid.UUID,
+    error: AppError,
+    *,
+    message: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Outcome:
+    """The outcome of a reply with no stored end to show: `error` says why."""
+    return Outcome(
+        message=message or {"id": str(message_id)},
+        problem=error.to_problem() | {"assistant_message_id": str(message_id)},
+        headers=headers,
+    )
+
+
 def gone(message_id: uuid.UUID, error: AppError | None = None) -> Outcome:
     """The outcome of a reply whose row is gone (its conversation was deleted)."""
-    return Outcome(
-        message={"id": str(message_id)},
-        problem=(error or ReplyGone()).to_problem() | {"assistant_message_id": str(message_id)},
-    )
+    return without_end(message_id, error or ReplyGone())
 
 
 def unreadable(message_id: uuid.UUID) -> Outcome:
     """The outcome of a reply whose stored state could not be read back."""
-    return Outcome(
-        message={"id": str(message_id)},
-        problem=StorageUnavailable().to_problem() | {"assistant_message_id": str(message_id)},
-        headers={"Retry-After": "1"},
-    )
+    return without_end(message_id, StorageUnavailable(), headers={"Retry-After": "1"})

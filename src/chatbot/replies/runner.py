@@ -37,7 +37,7 @@ from chatbot.replies.errors import (
 )
 from chatbot.replies.items import StopReason
 from chatbot.replies.live import LiveReply
-from chatbot.replies.outcomes import gone
+from chatbot.replies.outcomes import without_end
 from chatbot.replies.rounds import ToolRound, with_own_ids
 from chatbot.replies.status import failed_or_incomplete
 from chatbot.replies.store import Ending, ReplyStore, Superseded
@@ -298,25 +298,27 @@ class ReplyRunner:
         error: AppError | None,
     ) -> int:
         """Store the reply once and tell its followers; returns its length in tokens. From
-        here on a cancel, a checkpoint or a shutdown must not interrupt it."""
+        here on a cancel, a checkpoint or a shutdown must not interrupt it; should the process
+        cut it short anyway (the last of a shutdown), followers are still told, and no store
+        is left running behind it."""
         reply.begin_finishing()
-        await self._settle(reply, turn)
-        content = reply.content
-        completion = turn.completion
-        ending = Ending(
-            status=status,
-            content=content,
-            token_count=self._counter.count_text(content, request.model),
-            latency_ms=elapsed_ms(turn.started),
-            ttft_ms=turn.ttft_ms,
-            completed_at=utcnow(),
-            error=error,
-            finish_reason=completion.finish_reason if completion else None,
-            model=completion.model if completion else None,
-            usage=turn.summed_usage(),
-        )
         outcome = None
         try:
+            await self._settle(reply, turn)
+            content = reply.content
+            completion = turn.completion
+            ending = Ending(
+                status=status,
+                content=content,
+                token_count=self._counter.count_text(content, request.model),
+                latency_ms=elapsed_ms(turn.started),
+                ttft_ms=turn.ttft_ms,
+                completed_at=utcnow(),
+                error=error,
+                finish_reason=completion.finish_reason if completion else None,
+                model=completion.model if completion else None,
+                usage=turn.summed_usage(),
+            )
             outcome = await self._store.finish(
                 reply,
                 ending,
@@ -324,6 +326,8 @@ class ReplyRunner:
                 tool_calls=turn.calls,
             )
         finally:
+            if turn.storing is not None and not turn.storing.done():
+                turn.storing.cancel()
             # Followers are waiting on this, whatever happened above.
-            reply.finish(outcome or gone(reply.message_id, error))
+            reply.finish(outcome or without_end(reply.message_id, ServiceStopping()))
         return ending.token_count

@@ -25,13 +25,20 @@ from chatbot.errors import AppError
 from chatbot.llm.client import TokenUsage, ToolCall
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.schemas import MessageOut
 from chatbot.quotas import service as quotas
 from chatbot.replies import repository
 from chatbot.replies.errors import StorageFailed
 from chatbot.replies.events import tool_error
 from chatbot.replies.items import Outcome, StopReason
 from chatbot.replies.live import LiveReply, ReplyRef
-from chatbot.replies.outcomes import gone, outcome_of, stored_outcome, unreadable
+from chatbot.replies.outcomes import (
+    gone,
+    outcome_of,
+    stored_outcome,
+    unreadable,
+    without_end,
+)
 from chatbot.replies.rounds import ToolRound
 from chatbot.replies.status import Mover, failed_or_incomplete
 from chatbot.sanitize import clean_text
@@ -145,11 +152,20 @@ class ReplyStore:
         cost; raises Superseded when the reply lost its conversation."""
         text = reply.content
         seq = reply.seq
+        # Chosen once: a retry after a commit that landed though it reported a failure (a
+        # connection lost during COMMIT) finds the row instead of writing the round twice.
+        calling_id = uuid.uuid4()
+        attempts = 0
 
         async def store() -> None:
+            nonlocal attempts
+            attempts += 1
             now = utcnow()
+            async with self._sessionmaker() as session:
+                if attempts > 1 and await session.get(Message, calling_id) is not None:
+                    return
             calling = Message(
-                id=uuid.uuid4(),
+                id=calling_id,
                 conversation_id=reply.ref.conversation_id,
                 seq=seq,
                 role=Role.ASSISTANT,
@@ -177,13 +193,20 @@ class ReplyStore:
         """One tool message per call: a call without its result would make the conversation
         unsendable."""
 
+        ids = [uuid.uuid4() for _ in round_.calls]  # chosen once, as in store_calls
+        attempts = 0
+
         async def store() -> None:
+            nonlocal attempts
+            attempts += 1
             now = utcnow()
             async with self._sessionmaker() as session:
+                if attempts > 1 and await session.get(Message, ids[0]) is not None:
+                    return
                 repository.add_tool_results(
                     session,
                     [
-                        self._result_message(reply.ref, round_, index, call, now)
+                        self._result_message(reply.ref, round_, index, call, now, ids[index])
                         for index, call in enumerate(round_.calls)
                     ],
                 )
@@ -195,11 +218,17 @@ class ReplyStore:
         await self.retrying(reply, "the tool results", store)
 
     def _result_message(
-        self, ref: ReplyRef, round_: ToolRound, index: int, call: ToolCall, now: datetime
+        self,
+        ref: ReplyRef,
+        round_: ToolRound,
+        index: int,
+        call: ToolCall,
+        now: datetime,
+        message_id: uuid.UUID,
     ) -> Message:
         result = round_.results[call.id]
         return Message(
-            id=uuid.uuid4(),
+            id=message_id,
             conversation_id=ref.conversation_id,
             seq=round_.first_seq + index,
             role=Role.TOOL,
@@ -228,10 +257,17 @@ class ReplyStore:
         if reply.stop_reason is StopReason.SUPERSEDED:
             await self._record_spent(reply, tokens)
             return await self._read_back(reply.message_id, ending.error)
+        attempts = 0
+
+        async def store() -> Message | None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and (landed := await self._landed(reply, ending)) is not None:
+                return landed
+            return await self._finish_once(reply, ending, tokens)
+
         try:
-            stored = await self.retrying(
-                reply, "the end", lambda: self._finish_once(reply, ending, tokens)
-            )
+            stored = await self.retrying(reply, "the end", store)
         except Exception:
             logger.exception("could not store reply %s", reply.message_id)
             return await self._not_stored(reply)
@@ -239,6 +275,16 @@ class ReplyStore:
             return await self._read_back(reply.message_id, ending.error)
         headers = ending.error.headers if ending.error else None
         return outcome_of(stored, headers=headers, tool_calls=tool_calls)
+
+    async def _landed(self, reply: LiveReply, ending: Ending) -> Message | None:
+        """The reply's row if an earlier attempt's commit landed though it reported a failure
+        (its end time is this ending's own), so that neither the end nor its tokens are
+        written twice."""
+        async with self._sessionmaker() as session:
+            row = await messages.get(session, reply.message_id)
+        if row is not None and row.completed_at == ending.completed_at:
+            return row
+        return None
 
     async def _finish_once(self, reply: LiveReply, ending: Ending, tokens: int) -> Message | None:
         try:
@@ -301,4 +347,10 @@ class ReplyStore:
             return unreadable(message_id)
         if stored is None:
             return gone(message_id, error)
+        if stored.status is MessageStatus.IN_PROGRESS:  # its end never reached the database
+            return without_end(
+                message_id,
+                error or StorageFailed(),
+                message=MessageOut.of(stored).model_dump(mode="json"),
+            )
         return stored_outcome(stored, turn, headers=error.headers if error else None)
