@@ -40,11 +40,28 @@ def changed_rows(result: object) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+_TRANSIENT_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
+"""PostgreSQL classes and codes worth a retry: connection exceptions, insufficient resources
+(too many connections), a server shutting down or starting up, and a transaction rolled back
+for a conflict (serialization failure, deadlock)."""
+_TRANSIENT_SQLITE = {5, 6, 10, 13, 14}
+"""SQLite's busy, locked, I/O error, full and cannot-open: the file, not the statement."""
+
+
 def is_unreachable(exc: BaseException) -> bool:
-    """Whether a failure says the database could not be reached (refused, dropped, timed out,
-    busy) rather than that a statement or its values were wrong: the one is worth a retry."""
+    """Whether a failure says the database could not be reached or could not take the work
+    just now (refused, dropped, timed out, busy, restarting) rather than that a statement or
+    its values were wrong: the one is worth a retry, the other is not."""
     if isinstance(exc, DBAPIError):
-        return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF in _TRANSIENT_SQLITE
+        return isinstance(exc, OperationalError | InterfaceError)
     return isinstance(exc, OSError | TimeoutError | PoolTimeout)
 
 

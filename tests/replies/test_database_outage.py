@@ -4,17 +4,28 @@ whole once the database answers again; its conversation is free the moment the s
 import asyncio
 import logging
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.conversations.models import Conversation
-from chatbot.db import utcnow
+from chatbot.db import create_engine, is_unreachable, utcnow
 from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.replies import repository as replies
 from tests.fake_upstream import Reply
-from tests.support import DatabaseOutage, Service, eventually, read_events, read_stored
+from tests.support import (
+    DatabaseOutage,
+    Service,
+    eventually,
+    free_port,
+    read_events,
+    read_stored,
+)
 
 TOKENS = ["Stored", " whole", ",", " though", " the", " database", " was", " away"]
 
@@ -123,3 +134,74 @@ async def _running_elsewhere(service: Service, conversation_id: str) -> uuid.UUI
 
 async def _status_is(service: Service, reply_id: uuid.UUID, status: MessageStatus) -> bool:
     return (await service.stored_message(reply_id)).status is status
+
+
+async def test_only_failures_of_reach_are_retried(
+    sessionmaker: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    """A store is retried while the database cannot be reached or cannot take the work yet;
+    a statement the database refuses for what it says is not, however often it is tried."""
+
+    async def failure(statement: str) -> BaseException:
+        async with sessionmaker() as session:
+            try:
+                await session.execute(text(statement))
+            except Exception as exc:
+                return exc
+        raise AssertionError(f"{statement} did not fail")
+
+    assert not is_unreachable(await failure("SELECT * FROM no_such_table"))
+    assert not is_unreachable(await failure("SELECT FROM WHERE"))
+    if make_url(database_url).get_backend_name() == "postgresql":
+        assert not is_unreachable(await failure("SELECT 1/0"))
+        # The server ends this session, as a restart or an operator would.
+        assert is_unreachable(await failure("SELECT pg_terminate_backend(pg_backend_pid())"))
+        refused = create_engine(make_url(database_url).set(port=free_port()).render_as_string())
+    else:
+        refused = create_engine("sqlite+aiosqlite:///" + "/no/such/folder/chatbot.db")
+    try:
+        with pytest.raises(Exception) as refusal:
+            async with refused.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        assert is_unreachable(refusal.value)
+    finally:
+        await refused.dispose()
+
+
+async def test_the_sweep_spares_a_reply_marked_alive_after_it_was_found_stale(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
+    long_ago = utcnow() - timedelta(minutes=5)
+    async with sessionmaker() as session:
+        session.add(Conversation(id=conversation_id, user_id="alice", metadata_={}))
+        await session.flush()
+        session.add(
+            Message(
+                id=reply_id,
+                conversation_id=conversation_id,
+                seq=2,
+                role=Role.ASSISTANT,
+                content="Half",
+                status=MessageStatus.IN_PROGRESS,
+                checkpoint_at=long_ago,
+            )
+        )
+        await session.commit()
+    stale_before = utcnow() - timedelta(seconds=30)
+    async with sessionmaker() as session:
+        found = await replies.stale(session, stale_before)
+    assert found == [reply_id]
+    async with sessionmaker() as session:  # its producer marks it alive meanwhile
+        await replies.mark_alive(session, [reply_id], utcnow())
+        await session.commit()
+    async with sessionmaker() as session:
+        ended = await replies.abandon(
+            session, found, stale_before=stale_before, error={"code": "interrupted"}, now=utcnow()
+        )
+        await session.commit()
+    assert ended == []
+    async with sessionmaker() as session:
+        row = await session.get(Message, reply_id)
+    assert row is not None
+    assert row.status is MessageStatus.IN_PROGRESS

@@ -141,8 +141,9 @@ class ReplyKeeper:
         Not until the database has answered for a whole stale period: after an outage every
         live producer needs that long to mark its replies alive again."""
         now = utcnow()
+        stale_before = now - timedelta(seconds=self._stale_after)
         async with self._sessionmaker() as session:
-            stale = await repository.stale(session, now - timedelta(seconds=self._stale_after))
+            stale = await repository.stale(session, stale_before)
             self._answered()
             assert self._reachable_since is not None
             if time.monotonic() - self._reachable_since < self._stale_after:
@@ -151,7 +152,13 @@ class ReplyKeeper:
             alive = local | await self._bus.alive(stale)
             abandoned = [message_id for message_id in stale if message_id not in alive]
             if abandoned:
-                await repository.abandon(session, abandoned, Interrupted().stored(), now)
+                abandoned = await repository.abandon(
+                    session,
+                    abandoned,
+                    stale_before=stale_before,
+                    error=Interrupted().stored(),
+                    now=now,
+                )
             await session.commit()
         if abandoned:
             logger.warning("marked %d abandoned replies incomplete", len(abandoned))

@@ -162,14 +162,30 @@ async def stale(session: AsyncSession, stale_before: datetime) -> list[uuid.UUID
 
 
 async def abandon(
-    session: AsyncSession, message_ids: Collection[uuid.UUID], error: dict[str, Any], now: datetime
-) -> None:
-    """End replies whose producer is gone as `incomplete`, with their last checkpoint, and
-    free their conversations."""
+    session: AsyncSession,
+    message_ids: Collection[uuid.UUID],
+    *,
+    stale_before: datetime,
+    error: dict[str, Any],
+    now: datetime,
+) -> list[uuid.UUID]:
+    """End those of the replies that are still stale (a producer may have marked one alive
+    since they were found) as `incomplete`, with their last checkpoint, and free their
+    conversations. Returns the ones ended."""
     status = check_move(Mover.SWEEP, MessageStatus.INCOMPLETE)
-    await session.execute(
-        update(Message)
-        .where(Message.id.in_(message_ids), Message.status == MessageStatus.IN_PROGRESS)
-        .values(status=status, error=error, completed_at=now)
+    ended = list(
+        await session.scalars(
+            update(Message)
+            .where(
+                Message.id.in_(message_ids),
+                Message.status == MessageStatus.IN_PROGRESS,
+                or_(Message.checkpoint_at < stale_before, Message.checkpoint_at.is_(None)),
+            )
+            .values(status=status, error=error, completed_at=now)
+            .returning(Message.id)
+            .execution_options(synchronize_session=False)
+        )
     )
-    await conversations.release_replies(session, list(message_ids))
+    if ended:
+        await conversations.release_replies(session, ended)
+    return ended
