@@ -19,8 +19,8 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 def clean_text(text: str) -> str:
     """The text with NUL and lone surrogates replaced by U+FFFD."""
-    if _UNSTORABLE.search(text) is None:
-        return text
+    if (text.isascii() and "\x00" not in text) or _UNSTORABLE.search(text) is None:
+        return text  # the common case, checked first: ASCII is never a surrogate
     return _UNSTORABLE.sub(REPLACEMENT, text)
 
 

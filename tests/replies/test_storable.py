@@ -78,13 +78,27 @@ async def test_a_lone_surrogate_costs_one_character_while_another_reply_keeps_ch
             {"prompt_tokens": 7, "completion_tokens": 3.0},
             {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
         ),
+        (
+            {"completion_tokens": 4, "total_tokens": 9, "prompt_tokens": None},
+            {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 9},
+        ),
         ({"prompt_tokens": "many", "completion_tokens": 3, "total_tokens": 3}, None),
         ({"prompt_tokens": math.nan, "completion_tokens": 3, "total_tokens": 3}, None),
         ({"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2}, None),
         ({"prompt_tokens": True, "completion_tokens": 1.5, "total_tokens": 3}, None),
         ({"prompt_tokens": {"nested": 1}, "completion_tokens": [3]}, None),
     ],
-    ids=["1e20", "2^31", "whole-float", "text", "nan", "negative", "bool-and-fraction", "shapes"],
+    ids=[
+        "1e20",
+        "2^31",
+        "whole-float",
+        "left-out",
+        "text",
+        "nan",
+        "negative",
+        "bool-and-fraction",
+        "shapes",
+    ],
 )
 async def test_usage_numbers_of_any_size_or_shape_keep_the_text(
     service: Service, numbers: dict[str, Any], usage: dict[str, int] | None

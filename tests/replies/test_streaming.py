@@ -247,13 +247,15 @@ def test_a_hand_encoded_delta_is_the_event_sse_starlette_would_send(text: str) -
     assert delta_event("m:", Delta(text, 7)) == expected
 
 
-def _live_reply(message_id: uuid.UUID) -> tuple[LiveReply, Callable[[], AsyncIterator[Any]]]:
-    """A reply on an in-process bus, and a way to follow it from its start."""
+def _live_reply(
+    message_id: uuid.UUID,
+) -> tuple[LiveReply, Callable[..., AsyncIterator[Any]]]:
+    """A reply on an in-process bus, and a way to follow it from a position."""
     bus = InProcessBus()
     reply = ReplyRegistry(bus).open(ReplyRef(message_id, uuid.uuid4(), "alice"), seq=2)
 
-    def follow() -> AsyncIterator[Any]:
-        items = bus.follow(message_id, 0)
+    def follow(after: int = 0) -> AsyncIterator[Any]:
+        items = bus.follow(message_id, after)
         assert items is not None
         return items
 
@@ -327,3 +329,15 @@ async def test_sse_starlette_still_sends_through_the_method_we_override(
     await response({"type": "http", "method": "GET", "headers": []}, receive, send)
     assert sent.count("http.response.body") >= 2
     assert b"event: delta" in b"".join(m.get("body", b"") for m in received)
+
+
+async def test_a_follower_ahead_of_the_reply_gets_only_what_lies_past_its_position() -> None:
+    # A client resuming past what the reply has said so far (a position from another try)
+    # gets nothing until the reply passes it, and never an empty delta.
+    message_id = uuid.uuid4()
+    generation, follow = _live_reply(message_id)
+    generation.append("Hi")
+    bus_items = follow(5)
+    generation.append("abc")  # ends at 5: all of it lies before the follower's position
+    generation.append("de")
+    assert await anext(bus_items) == (Delta("de", 7),)

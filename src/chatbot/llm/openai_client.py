@@ -117,9 +117,12 @@ class OpenAIChatClient:
         model: str | None = None
         calls = _ToolCalls()
         lines = response.aiter_lines()
+        named: object = None
         try:
             async for chunk in _chunks(lines):
-                model = _label(chunk.get("model"), MAX_MODEL_CHARS) or model
+                if (name := chunk.get("model")) != named:  # every chunk repeats it
+                    named = name
+                    model = _label(name, MAX_MODEL_CHARS) or model
                 if chunk.get("usage"):
                     usage = _usage(chunk["usage"]) or usage
                 choices = chunk.get("choices")
@@ -274,8 +277,11 @@ def _usage(usage: object) -> TokenUsage | None:
     here loses its usage, never its reply (the service counts the reply itself)."""
     if not isinstance(usage, dict):
         return None
-    prompt = clean_count(usage.get("prompt_tokens"))
-    completion = clean_count(usage.get("completion_tokens"))
+    counts = [
+        0 if usage.get(name) is None else clean_count(usage[name])  # left out: none counted
+        for name in ("prompt_tokens", "completion_tokens")
+    ]
+    prompt, completion = counts
     if prompt is None or completion is None:
         return None
     total = clean_count(usage.get("total_tokens"))

@@ -98,6 +98,8 @@ class _LocalChannel:
                 while index < len(self._items):
                     item = self._items[index]
                     index += 1
+                    if item.end <= after:  # a follower that asked for more than there was
+                        continue
                     if isinstance(item, Delta) and item.start < after:
                         item = item.after(after)
                     batch.append(item)
