@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -493,6 +494,38 @@ async def seed_history(
             .values(message_count=count)
         )
         await session.commit()
+
+
+async def seed_running_reply(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    conversation_id: uuid.UUID,
+    *,
+    content: str,
+    checkpoint_at: datetime,
+) -> uuid.UUID:
+    """A reply another process is generating: `in_progress` at the conversation's next
+    position, last checkpointed at `checkpoint_at`, the conversation claimed for it."""
+    reply_id = uuid.uuid4()
+    async with sessionmaker() as session:
+        conversation = await session.get(Conversation, conversation_id)
+        assert conversation is not None
+        seq = conversation.message_count + 1
+        session.add(
+            Message(
+                id=reply_id,
+                conversation_id=conversation_id,
+                seq=seq,
+                role=Role.ASSISTANT,
+                content=content,
+                status=MessageStatus.IN_PROGRESS,
+                created_at=checkpoint_at,
+                checkpoint_at=checkpoint_at,
+            )
+        )
+        conversation.message_count = seq
+        conversation.active_reply_id = reply_id
+        await session.commit()
+    return reply_id
 
 
 async def day_usage(sessionmaker: async_sessionmaker[AsyncSession], user_id: str) -> int:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.conversations.models import Conversation
 from chatbot.db import create_engine, is_unreachable, utcnow
-from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.models import Message, MessageStatus
 from chatbot.replies import repository as replies
 from tests.fake_upstream import Reply
 from tests.support import (
@@ -25,6 +25,7 @@ from tests.support import (
     free_port,
     read_events,
     read_stored,
+    seed_running_reply,
 )
 
 TOKENS = ["Stored", " whole", ",", " though", " the", " database", " was", " away"]
@@ -95,7 +96,12 @@ async def test_after_an_outage_no_reply_is_swept_before_its_producer_could_mark_
         async with start_service(**settings) as service:
             conversation = await service.create_conversation()
             # A reply another instance produces: it marked it alive just now.
-            reply_id = await _running_elsewhere(service, conversation["id"])
+            reply_id = await seed_running_reply(
+                service.state.sessionmaker,
+                uuid.UUID(conversation["id"]),
+                content="Half",
+                checkpoint_at=utcnow(),
+            )
             await outage.begin(service)
             await asyncio.sleep(1.5)  # longer than a reply may go unmarked
             await outage.end()
@@ -107,29 +113,6 @@ async def test_after_an_outage_no_reply_is_swept_before_its_producer_could_mark_
             await eventually(
                 lambda: _status_is(service, reply_id, MessageStatus.INCOMPLETE), seconds=5
             )
-
-
-async def _running_elsewhere(service: Service, conversation_id: str) -> uuid.UUID:
-    reply_id = uuid.uuid4()
-    async with service.state.sessionmaker() as session:
-        session.add(
-            Message(
-                id=reply_id,
-                conversation_id=uuid.UUID(conversation_id),
-                seq=2,
-                role=Role.ASSISTANT,
-                content="Half",
-                status=MessageStatus.IN_PROGRESS,
-                checkpoint_at=utcnow(),
-            )
-        )
-        await session.execute(
-            update(Conversation)
-            .where(Conversation.id == uuid.UUID(conversation_id))
-            .values(active_reply_id=reply_id, message_count=2)
-        )
-        await session.commit()
-    return reply_id
 
 
 async def _status_is(service: Service, reply_id: uuid.UUID, status: MessageStatus) -> bool:
@@ -171,23 +154,16 @@ async def test_only_failures_of_reach_are_retried(
 async def test_the_sweep_spares_a_reply_marked_alive_after_it_was_found_stale(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    conversation_id, reply_id = uuid.uuid4(), uuid.uuid4()
-    long_ago = utcnow() - timedelta(minutes=5)
+    conversation_id = uuid.uuid4()
     async with sessionmaker() as session:
         session.add(Conversation(id=conversation_id, user_id="alice", metadata_={}))
-        await session.flush()
-        session.add(
-            Message(
-                id=reply_id,
-                conversation_id=conversation_id,
-                seq=2,
-                role=Role.ASSISTANT,
-                content="Half",
-                status=MessageStatus.IN_PROGRESS,
-                checkpoint_at=long_ago,
-            )
-        )
         await session.commit()
+    reply_id = await seed_running_reply(
+        sessionmaker,
+        conversation_id,
+        content="Half",
+        checkpoint_at=utcnow() - timedelta(minutes=5),
+    )
     stale_before = utcnow() - timedelta(seconds=30)
     async with sessionmaker() as session:
         found = await replies.stale(session, stale_before)

@@ -30,6 +30,7 @@ from tests.support import (
     eventually,
     read_events,
     read_stored,
+    seed_running_reply,
 )
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
@@ -132,7 +133,7 @@ async def test_replies_left_by_a_dead_process_are_marked_incomplete(
     from chatbot.db import migrate
 
     await migrate(engine)
-    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    conversation_id = uuid.uuid4()
     long_ago = utcnow() - timedelta(minutes=5)
     async with sessionmaker() as session:
         session.add(
@@ -140,36 +141,26 @@ async def test_replies_left_by_a_dead_process_are_marked_incomplete(
                 id=conversation_id,
                 user_id="alice",
                 metadata_={},
-                message_count=2,
-                active_reply_id=message_id,
+                message_count=1,
                 created_at=long_ago,
                 updated_at=long_ago,
             )
         )
         await session.flush()
-        session.add_all(
-            [
-                Message(
-                    conversation_id=conversation_id,
-                    seq=1,
-                    role=Role.USER,
-                    content="hello?",
-                    status=MessageStatus.COMPLETED,
-                    created_at=long_ago,
-                ),
-                Message(
-                    id=message_id,
-                    conversation_id=conversation_id,
-                    seq=2,
-                    role=Role.ASSISTANT,
-                    content="Half of it",
-                    status=MessageStatus.IN_PROGRESS,
-                    created_at=long_ago,
-                    checkpoint_at=long_ago,
-                ),
-            ]
+        session.add(
+            Message(
+                conversation_id=conversation_id,
+                seq=1,
+                role=Role.USER,
+                content="hello?",
+                status=MessageStatus.COMPLETED,
+                created_at=long_ago,
+            )
         )
         await session.commit()
+    message_id = await seed_running_reply(
+        sessionmaker, conversation_id, content="Half of it", checkpoint_at=long_ago
+    )
     await engine.dispose()
 
     async with start_service(stale_reply_seconds=5) as service:
