@@ -5,6 +5,7 @@ from tests.support import (  # noqa: F401  (pytest finds fixtures by name in thi
     database_url,
     make_settings,
     postgres_url,
+    redis_server,
     service,
     sessionmaker,
     start_service,

@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import json
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -45,7 +46,7 @@ from tests.fake_upstream import UTILITY_MODEL, FakeUpstream
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
 ROOT = Path(__file__).resolve().parents[1]
 """The repository's root: where `src/`, `alembic/` and `pyproject.toml` are."""
-_ENV_PREFIXES = ("CHATBOT_", "OPENAI_", "DATABASE_URL")
+_ENV_PREFIXES = ("CHATBOT_", "OPENAI_", "DATABASE_URL", "REDIS_URL")
 
 
 @pytest.fixture(autouse=True)
@@ -658,3 +659,46 @@ class DatabaseOutage:
             await self._proxy.start()
             return
         self._folder.with_name("away").rename(self._folder)
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A Redis of the test's own on a free loopback port, which the test may stop, restart
+    (empty, as a restarted Redis without persistence is) or start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CHATBOT_REQUIRE_POSTGRES"):
+                pytest.fail("redis-server is required in CI")
+            pytest.skip("redis-server is not installed")
+        self._process = await asyncio.create_subprocess_exec(
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await eventually(lambda: listening(self.port), 10)
+        return self
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            await self._process.wait()
+            self._process = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = await RedisServer().start()
+    yield server
+    await server.stop()

@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "CHATBOT_REDIS_URL")
     )
+    reply_lease_seconds: float = Field(default=5.0, gt=0)
+    """With Redis: how long a running reply's producer may go unheard (its lease in Redis and
+    its checkpoints in the database both lapsed) before another instance stores the reply
+    `incomplete`, with the text Redis holds."""
+    redis_reply_ttl_seconds: float = Field(default=300.0, gt=0)
+    """With Redis: how long a reply's stream stays there once the reply ended (the database
+    has it anyway)."""
+    redis_flush_ms: float = Field(default=5.0, ge=0, le=1000)
+    """With Redis: how long a producer gathers deltas before writing them in one round trip."""
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
     max_tool_rounds: int = Field(default=5, ge=0, le=50)
@@ -222,6 +231,11 @@ class Settings(BaseSettings):
 
     def check_startup(self) -> None:
         """Refuse configurations that would be unsafe to serve."""
+        if self.redis_url and self.reply_lease_seconds <= self.checkpoint_seconds:
+            raise ConfigError(
+                "CHATBOT_REPLY_LEASE_SECONDS must be longer than CHATBOT_CHECKPOINT_SECONDS: "
+                "live producers mark their replies alive at that pace"
+            )
         if self.auth_mode == "jwt":
             secret = self.jwt_secret.get_secret_value() if self.jwt_secret else ""
             if len(secret) < 32:

@@ -48,17 +48,31 @@ class RequestRateLimiter:
             options["implementation"] = "redispy"
         self._storage = storage.storage_from_string(uri, **options)
         self._limiter = MovingWindowRateLimiter(self._storage)
+        self._storage_answers = True
 
     async def admit(self, user_id: str) -> None:
         """Count a request; 429 with Retry-After past the limit. Fails open if Redis is down."""
         if self._item is None:
             return
         try:
-            if await self._limiter.hit(self._item, "requests", user_id):
-                return
-            stats = await self._limiter.get_window_stats(self._item, "requests", user_id)
-        except Exception:
-            logger.warning("rate limit storage unavailable; admitting the request", exc_info=True)
+            admitted = await self._limiter.hit(self._item, "requests", user_id)
+            stats = (
+                None
+                if admitted
+                else await self._limiter.get_window_stats(self._item, "requests", user_id)
+            )
+        except Exception as exc:
+            if self._storage_answers:  # once per outage, not once per request
+                self._storage_answers = False
+                logger.warning(
+                    "rate limit storage unavailable (%s); admitting requests until it answers",
+                    type(exc).__name__,
+                )
+            return
+        if not self._storage_answers:
+            self._storage_answers = True
+            logger.info("rate limit storage answers again")
+        if stats is None:
             return
         raise TooManyRequests(
             f"Too many requests: the limit is {self._item}",

@@ -52,6 +52,17 @@ def items_after(items: list[Item], position: int) -> list[Item]:
     return rest
 
 
+def round_text(items: list[Item]) -> str:
+    """The text after the last tool event: that of the round under way."""
+    text: list[str] = []
+    for item in items:
+        if isinstance(item, Delta):
+            text.append(item.text)
+        else:
+            text = []
+    return "".join(text)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How a reply ended: the stored message, and the problem document if it failed."""

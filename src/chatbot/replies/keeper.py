@@ -3,8 +3,8 @@
 Every few seconds the text of each running reply of this process is saved (so a crash loses at
 most that much) and the replies are marked alive. Replies nobody has marked alive for a while,
 and whose producer the live bus does not know, belong to a dead process: the sweep stores them
-`incomplete` and frees their conversations. Both are statements over many rows, so several
-instances run them side by side.
+`incomplete`, with all the text the bus still holds of them when it holds it, and frees their
+conversations. Both are statements over many rows, so several instances run them side by side.
 """
 
 import asyncio
@@ -16,12 +16,15 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.db import is_unreachable, utcnow
+from chatbot.messages import repository as messages
 from chatbot.replies import repository
-from chatbot.replies.bus import LiveBus
+from chatbot.replies.bus import BusUnavailable, LiveBus
 from chatbot.replies.errors import Interrupted
-from chatbot.replies.items import StopReason
+from chatbot.replies.items import Item, StopReason, ToolEvent, round_text
 from chatbot.replies.live import Snapshot
+from chatbot.replies.outcomes import stored_items
 from chatbot.replies.registry import ReplyRegistry
+from chatbot.sanitize import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +41,14 @@ class ReplyKeeper:
         *,
         interval_seconds: float,
         stale_after_seconds: float,
+        sweep_every: int = SWEEP_EVERY,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._registry = registry
         self._bus = bus
         self._interval = interval_seconds
         self._stale_after = stale_after_seconds
+        self._sweep_every = sweep_every
         # Starting up, the database is taken to have answered all along (others' producers
         # have been marking their replies alive); an outage seen here resets it.
         self._reachable_since: float | None = time.monotonic() - stale_after_seconds
@@ -56,7 +61,7 @@ class ReplyKeeper:
             rounds += 1
             try:
                 await self.checkpoint()
-                if rounds % SWEEP_EVERY == 0:
+                if rounds % self._sweep_every == 0:
                     await self.sweep()
             except Exception as exc:
                 if not is_unreachable(exc):
@@ -149,7 +154,10 @@ class ReplyKeeper:
             if time.monotonic() - self._reachable_since < self._stale_after:
                 return []
             local = {reply.message_id for reply in self._registry.running()}
-            alive = local | await self._bus.alive(stale)
+            try:
+                alive = local | await self._bus.alive(stale)
+            except BusUnavailable:
+                return []  # whether their producers live is unknown: not now
             abandoned = [message_id for message_id in stale if message_id not in alive]
             if abandoned:
                 abandoned = await repository.abandon(
@@ -158,8 +166,38 @@ class ReplyKeeper:
                     stale_before=stale_before,
                     error=Interrupted().stored(),
                     now=now,
+                    contents=await self._published(session, abandoned),
                 )
             await session.commit()
         if abandoned:
             logger.warning("marked %d abandoned replies incomplete", len(abandoned))
         return abandoned
+
+    async def _published(
+        self, session: AsyncSession, message_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, str]:
+        """The text of the replies' last rounds as their producers published it on the bus,
+        where the bus holds more of it than the last checkpoint did."""
+        contents = {}
+        for message_id in message_ids:
+            published = await self._bus.remains(message_id)
+            message = await messages.get(session, message_id) if published else None
+            if published is None or message is None:
+                continue
+            if text := _more_than_stored(
+                published,
+                stored_items(await messages.turn_of(session, message), message),
+                message.content,
+            ):
+                contents[message_id] = clean_text(text)
+        return contents
+
+
+def _more_than_stored(published: list[Item], stored: list[Item], content: str) -> str | None:
+    """The text of the published last round, when it continues what is stored: the same tool
+    rounds, and the stored text as its start."""
+    events = sum(isinstance(item, ToolEvent) for item in published)
+    if events != sum(isinstance(item, ToolEvent) for item in stored):
+        return None  # a round stored or published without the other: the checkpoint holds
+    text = round_text(published)
+    return text if len(text) > len(content) and text.startswith(content) else None

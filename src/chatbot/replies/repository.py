@@ -3,7 +3,7 @@
 transaction; the caller commits. Nothing outside this package writes a reply row."""
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -168,19 +168,27 @@ async def abandon(
     stale_before: datetime,
     error: dict[str, Any],
     now: datetime,
+    contents: Mapping[uuid.UUID, str] | None = None,
 ) -> list[uuid.UUID]:
     """End those of the replies that are still stale (a producer may have marked one alive
-    since they were found) as `incomplete`, with their last checkpoint, and free their
-    conversations. Returns the ones ended."""
+    since they were found) as `incomplete`, with their last checkpoint or the text given in
+    `contents`, and free their conversations. Returns the ones ended."""
     status = check_move(Mover.SWEEP, MessageStatus.INCOMPLETE)
+    still_stale = (
+        Message.status == MessageStatus.IN_PROGRESS,
+        or_(Message.checkpoint_at < stale_before, Message.checkpoint_at.is_(None)),
+    )
+    for message_id, content in (contents or {}).items():
+        await session.execute(
+            update(Message)
+            .where(Message.id == message_id, *still_stale)
+            .values(content=content)
+            .execution_options(synchronize_session=False)
+        )
     ended = list(
         await session.scalars(
             update(Message)
-            .where(
-                Message.id.in_(message_ids),
-                Message.status == MessageStatus.IN_PROGRESS,
-                or_(Message.checkpoint_at < stale_before, Message.checkpoint_at.is_(None)),
-            )
+            .where(Message.id.in_(message_ids), *still_stale)
             .values(status=status, error=error, completed_at=now)
             .returning(Message.id)
             .execution_options(synchronize_session=False)

@@ -20,8 +20,9 @@ from chatbot.replies import repository
 from chatbot.replies.bus import InProcessBus, LiveBus
 from chatbot.replies.follow import ReplyFollower
 from chatbot.replies.items import Batch, Outcome, StopReason
-from chatbot.replies.keeper import ReplyKeeper
+from chatbot.replies.keeper import SWEEP_EVERY, ReplyKeeper
 from chatbot.replies.live import ReplyRef
+from chatbot.replies.redis_bus import RedisBus
 from chatbot.replies.registry import ReplyRegistry
 from chatbot.replies.runner import ReplyJob, ReplyRunner
 from chatbot.replies.status import Mover
@@ -41,24 +42,29 @@ class Replies:
     ) -> None:
         self._settings = settings
         self._sessionmaker = sessionmaker
-        self.bus = bus or InProcessBus()
+        self.bus = bus or _bus_for(settings)
         self.registry = ReplyRegistry(self.bus)
         self.store = ReplyStore(sessionmaker, counter, retry_seconds=settings.store_retry_seconds)
         self.runner = ReplyRunner(settings, sessionmaker, llm, counter, self.store, after_reply)
         self.follower = ReplyFollower(
             sessionmaker, self.registry, self.bus, settings.checkpoint_seconds
         )
+        # A bus that reaches every instance knows their producers' leases: a dead one's
+        # replies are stored once its lease and checkpoints lapse, swept for every checkpoint.
+        lease = self.bus.lease_seconds
         self.keeper = ReplyKeeper(
             sessionmaker,
             self.registry,
             self.bus,
             interval_seconds=settings.checkpoint_seconds,
-            stale_after_seconds=settings.stale_reply_seconds,
+            stale_after_seconds=lease or settings.stale_reply_seconds,
+            sweep_every=1 if lease else SWEEP_EVERY,
         )
         self._keeping: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Sweep what a process before this one left, then keep checkpointing and sweeping."""
+        await self.bus.start()
         await self.keeper.sweep()
         self._keeping = asyncio.create_task(self.keeper.run(), name="reply-keeper")
 
@@ -68,6 +74,7 @@ class Replies:
         if self._keeping is not None:
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
+        await self.bus.aclose()
 
     def start(self, ref: ReplyRef, seq: int, job: ReplyJob) -> None:
         """Generate the reply whose row the turn committed."""
@@ -99,3 +106,15 @@ class Replies:
     def followers(self, message_id: uuid.UUID) -> int:
         """Clients following the reply live here right now."""
         return self.bus.followers(message_id)
+
+
+def _bus_for(settings: Settings) -> LiveBus:
+    """Redis when REDIS_URL is set (replies live across instances), else this process."""
+    if settings.redis_url is None:
+        return InProcessBus()
+    return RedisBus(
+        settings.redis_url,
+        lease_seconds=settings.reply_lease_seconds,
+        ttl_seconds=settings.redis_reply_ttl_seconds,
+        flush_seconds=settings.redis_flush_ms / 1000,
+    )
