@@ -243,6 +243,32 @@ async def test_redis_restarted_mid_reply_costs_nothing(
     assert "word" not in caplog.text  # no reply text in the log
 
 
+async def test_the_cap_on_running_replies_holds_across_instances(
+    start_service: Any, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    held = asyncio.Event()
+    upstream.default = Reply(gate=held)
+    async with two_instances(start_service, redis_server, max_concurrent_replies=4) as (a, b):
+        conversations = [await a.create_conversation() for _ in range(10)]
+        turns = [
+            (a if index % 2 else b).send(conversation["id"], "go", background=True)
+            for index, conversation in enumerate(conversations)
+        ]
+        # New conversations too, through /v1/chat, on both instances at once.
+        chats = [
+            (a if index % 2 else b).client.post(
+                "/v1/chat", json={"message": "go", "background": True}, headers=a.auth()
+            )
+            for index in range(10)
+        ]
+        responses = await asyncio.gather(*turns, *chats)
+        statuses = sorted(response.status_code for response in responses)
+        held.set()
+
+    assert statuses == [202] * 4 + [429] * 16, statuses
+    assert len(upstream.requests) == 4
+
+
 async def test_an_idempotency_key_starts_one_turn_across_instances(
     start_service: Any, upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:

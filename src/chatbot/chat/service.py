@@ -108,10 +108,6 @@ class ChatService:
         hashed = idempotency.request_hash("new", body)
         if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
-        # The same cap the claim of an existing conversation applies.
-        running = await conversations.running_replies(self._session, user_id)
-        if running >= self._settings.max_concurrent_replies:
-            raise quotas.too_many_replies(self._settings)
         assistant_id = uuid.uuid4()
         conversation = new_conversation(
             user_id,
@@ -125,12 +121,12 @@ class ChatService:
             ),
             self._tools,
         )
-        conversation.message_count = 2
-        conversation.active_reply_id = assistant_id
-        conversation.last_message_at = conversation.updated_at
         self._session.add(conversation)
         try:
+            # Added idle, then claimed as any conversation is: one rule caps running replies
+            # (and the turn rolls back whole when the cap refuses it).
             await self._session.flush()
+            conversation = await self._reserve(user_id, conversation.id, assistant_id)
             return await self._begin(
                 conversation, body.message, body, assistant_id, started, key, hashed
             )

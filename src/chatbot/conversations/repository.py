@@ -53,6 +53,9 @@ async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uui
     return changed_rows(result) > 0
 
 
+_TURNS_LOCK = "chatbot:turns:"
+
+
 async def claim_reply(
     session: AsyncSession,
     user_id: str,
@@ -64,9 +67,17 @@ async def claim_reply(
     """Claim an idle conversation for one reply and two message positions, atomically, if the
     user has fewer than `max_running` replies under way: one round trip on the way to the model.
 
-    The conditional update is the whole lock: a concurrent turn finds `active_reply_id` set,
-    on SQLite and PostgreSQL alike, across any number of instances.
+    The conditional update locks the conversation: a concurrent turn finds `active_reply_id`
+    set. The count of the user's running replies is exact because the user's claims take
+    turns: on PostgreSQL a transaction-scoped advisory lock per user (read committed would
+    let two claims count the same replies), on SQLite the database's one writer. Both hold
+    across any number of instances; the lock lasts until the turn's transaction commits, a
+    few milliseconds, and only the same user's turns wait for it.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            select(func.pg_advisory_xact_lock(func.hashtextextended(_TURNS_LOCK + user_id, 0)))
+        )
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
         update(Conversation)
@@ -133,10 +144,6 @@ def _running_replies(user_id: str) -> Select[int]:
         .select_from(_others)
         .where(_others.c.user_id == user_id, _others.c.active_reply_id.is_not(None))
     )
-
-
-async def running_replies(session: AsyncSession, user_id: str) -> int:
-    return await session.scalar(_running_replies(user_id)) or 0
 
 
 async def busy(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool | None:
