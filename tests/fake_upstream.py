@@ -14,7 +14,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -128,6 +128,11 @@ class FakeUpstream:
         else:
             self.requests.append(received)
             reply = self.script.popleft() if self.script else self.default
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        if isinstance(limit, int) and len(reply.tokens) > limit:  # as providers cut a reply
+            reply = replace(
+                reply, tokens=reply.tokens[:limit], tool_calls=[], finish_reason="length"
+            )
         if reply.status != 200:
             await _send_json(writer, reply.status, reply.error or _error_body(reply.status), reply)
             return True

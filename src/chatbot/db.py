@@ -7,7 +7,16 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Connection, DateTime, MetaData, TypeDecorator, event
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    MetaData,
+    TypeDecorator,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -33,6 +42,15 @@ JSONVariant = JSON().with_variant(JSONB(), "postgresql")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def take_turns(session: AsyncSession, key: str) -> None:
+    """From here until the transaction ends, transactions that take the same `key` run one
+    after another: a transaction-scoped advisory lock on PostgreSQL. SQLite has one writer: a
+    transaction that has written holds every other write off until it ends, so there the
+    caller writes before it reads what it decides on."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
 
 
 def changed_rows(result: object) -> int:

@@ -22,7 +22,9 @@ from tests.support import (
     Event,
     RedisServer,
     Service,
+    day_usage,
     eventually,
+    final_reply,
     free_port,
     listening,
     read_events,
@@ -287,3 +289,42 @@ async def test_an_idempotency_key_starts_one_turn_across_instances(
     ]
     assert len({response.json()["assistant_message"]["id"] for response in responses}) == 1
     assert len(upstream.requests) == 1
+
+
+async def test_running_replies_on_several_instances_spend_no_more_than_the_daily_quota(
+    start_service: Any, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    held = asyncio.Event()
+    upstream.default = Reply(tokens=["x"] * 400, gate=held)
+    quota = 1_000
+    async with two_instances(
+        start_service, redis_server, daily_token_quota=quota, max_concurrent_replies=10
+    ) as (a, b):
+        conversations = [await a.create_conversation() for _ in range(6)]
+        responses = await asyncio.gather(
+            *(
+                (a if index % 2 else b).send(
+                    conversation["id"], "go on", background=True, max_output_tokens=200
+                )
+                for index, conversation in enumerate(conversations)
+            )
+        )
+        accepted = [response.json() for response in responses if response.status_code == 202]
+        await eventually(lambda: len(upstream.requests) == len(accepted))
+        held.set()
+        for turn in accepted:
+            await final_reply(a, turn["conversation_id"])
+        prompts = [turn["assistant_message"]["prompt_token_count"] for turn in accepted]
+        spent = await day_usage(a.state.sessionmaker, "alice")
+
+    refusals = [response for response in responses if response.status_code == 429]
+    # Each turn reserved its prompt and up to 200 tokens: the day holds some of them, not all.
+    assert 1 < len(accepted) < 6
+    assert len(refusals) == 6 - len(accepted)
+    assert {response.json()["code"] for response in refusals} == {"quota_exceeded"}
+    sent = [request.body["max_tokens"] for request in upstream.requests]
+    # What each call could cost at most, together within the quota, and so what they spent.
+    assert sum(prompts) + sum(sent) <= quota
+    assert all(limit <= 200 for limit in sent)
+    assert spent <= quota
+    assert len(upstream.requests) == len(accepted)  # nothing was sent for a refused turn

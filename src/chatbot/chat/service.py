@@ -214,8 +214,13 @@ class ChatService:
             max_output_tokens=options.max_output_tokens,
             tools=tool_specs,
         )
-        await quotas.check_turn(
-            self._session, self._settings, conversation.user_id, context.total_tokens
+        max_tokens = await quotas.admit_call(
+            self._session,
+            self._settings,
+            user_id=conversation.user_id,
+            conversation_id=conversation.id,
+            prompt_tokens=context.total_tokens,
+            max_output_tokens=options.max_output_tokens,
         )
         now = utcnow()
         user_message = Message(
@@ -265,7 +270,7 @@ class ChatService:
             model=model,
             messages=context.messages,
             temperature=options.temperature,
-            max_output_tokens=options.max_output_tokens,
+            max_output_tokens=max_tokens,
             tools=tool_specs or None,
         )
         self._replies.start(
@@ -276,6 +281,7 @@ class ChatService:
                 started=started,
                 prompt_tokens=context.total_tokens,
                 budget=context.budget,
+                max_output_tokens=options.max_output_tokens,
                 tools=tools,
                 follow_up=follow_up,
             ),

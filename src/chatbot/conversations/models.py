@@ -27,6 +27,9 @@ class Conversation(Base):
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     # Set while a reply is being generated; a conditional update on it serialises turns.
     active_reply_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    reserved_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """What the running reply's current call may cost at most (its prompt and max_tokens),
+    held against the user's daily quota until the reply is stored."""
     # The rolling summary of what fell out of the context: it covers every message whose
     # position is at most summary_upto_seq.
     toolsets: Mapped[list[str] | None] = mapped_column(JSONVariant)

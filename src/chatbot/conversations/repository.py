@@ -6,7 +6,7 @@ from sqlalchemy import Select, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.models import Conversation
-from chatbot.db import changed_rows, utcnow
+from chatbot.db import changed_rows, take_turns, utcnow
 
 
 async def get_owned(
@@ -74,10 +74,7 @@ async def claim_reply(
     across any number of instances; the lock lasts until the turn's transaction commits, a
     few milliseconds, and only the same user's turns wait for it.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(
-            select(func.pg_advisory_xact_lock(func.hashtextextended(_TURNS_LOCK + user_id, 0)))
-        )
+    await take_turns(session, _TURNS_LOCK + user_id)
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
         update(Conversation)
@@ -89,6 +86,7 @@ async def claim_reply(
         )
         .values(
             active_reply_id=reply_id,
+            reserved_tokens=0,
             message_count=Conversation.message_count + 2,
             updated_at=now,
             last_message_at=now,
@@ -114,6 +112,22 @@ async def extend_reply(
     return changed_rows(result) > 0
 
 
+async def hold_reply(
+    session: AsyncSession, user_id: str, conversation_id: uuid.UUID, reply_id: uuid.UUID
+) -> bool:
+    """Take the user's turn lock for a running reply's next call (as `claim_reply` does for
+    its first), dropping the reply's reservation: a write, which on SQLite is the lock. False
+    when the reply no longer holds the conversation."""
+    await take_turns(session, _TURNS_LOCK + user_id)
+    result = await session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
+        .values(reserved_tokens=0)
+        .execution_options(synchronize_session=False)
+    )
+    return changed_rows(result) > 0
+
+
 async def release_reply(
     session: AsyncSession, conversation_id: uuid.UUID, reply_id: uuid.UUID
 ) -> None:
@@ -121,7 +135,7 @@ async def release_reply(
     await session.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
-        .values(active_reply_id=None, updated_at=now, last_message_at=now)
+        .values(active_reply_id=None, reserved_tokens=0, updated_at=now, last_message_at=now)
         .execution_options(synchronize_session=False)
     )
 
@@ -130,7 +144,7 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
     await session.execute(
         update(Conversation)
         .where(Conversation.active_reply_id.in_(reply_ids))
-        .values(active_reply_id=None)
+        .values(active_reply_id=None, reserved_tokens=0)
     )
 
 

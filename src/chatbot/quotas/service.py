@@ -1,23 +1,28 @@
 """Per-user limits: request rate (via `limits`), concurrent replies, and daily tokens.
 
 The request rate is counted in memory by default and in Redis when REDIS_URL is set, so the limit
-holds across instances; concurrent replies and daily tokens are counted in the database, which every
-instance shares anyway.
+holds across instances. Concurrent replies and daily tokens are counted in the database, which every
+instance shares anyway, under the user's turn lock (`conversations.claim_reply`, `hold_reply`):
+each call to the model reserves what it may cost at most, its prompt and a `max_tokens` no larger
+than what the day has left after the other running replies' reservations, so running replies
+together never spend more than the quota (give or take the provider's count of the prompt).
 """
 
 import logging
 import math
 import time
+import uuid
 from datetime import UTC, date, datetime, timedelta
 
 from limits import RateLimitItem, parse, storage
 from limits.aio.strategies import MovingWindowRateLimiter
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.config import Settings
+from chatbot.conversations.models import Conversation
 from chatbot.errors import TooManyRequests
 from chatbot.quotas.models import DailyUsage
 
@@ -103,24 +108,55 @@ def too_many_replies(settings: Settings) -> TooManyReplies:
     )
 
 
-async def check_turn(
-    session: AsyncSession, settings: Settings, user_id: str, prompt_tokens: int
-) -> None:
-    """Before a reply starts: quota left for its prompt. (The cap on concurrent replies is
-    checked where a conversation is claimed or created.)"""
+async def admit_call(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    user_id: str,
+    conversation_id: uuid.UUID,
+    prompt_tokens: int,
+    max_output_tokens: int | None,
+) -> int | None:
+    """Before each call to the model, in a transaction that holds the user's turn lock: the
+    `max_tokens` the call may use, its cost reserved on the conversation. 429 when the day
+    cannot cover the prompt and one token more. Without a quota, what the client asked for.
+    (The cap on concurrent replies is applied where a conversation is claimed.)"""
     quota = settings.daily_token_quota
     if quota is None:
-        return
-    used = await session.scalar(
-        select(DailyUsage.total_tokens).where(
-            DailyUsage.user_id == user_id, DailyUsage.day == _today()
+        return max_output_tokens
+    used = (
+        await session.scalar(
+            select(DailyUsage.total_tokens).where(
+                DailyUsage.user_id == user_id, DailyUsage.day == _today()
+            )
         )
+        or 0
     )
-    if (used or 0) + prompt_tokens > quota:
+    reserved = (
+        await session.scalar(
+            select(func.coalesce(func.sum(Conversation.reserved_tokens), 0)).where(
+                Conversation.user_id == user_id,
+                Conversation.active_reply_id.is_not(None),
+                Conversation.id != conversation_id,
+            )
+        )
+        or 0
+    )
+    left = quota - used - reserved
+    if left <= prompt_tokens:
+        running = f", {reserved} held by running replies" if reserved else ""
         raise QuotaExceeded(
-            f"The daily quota of {quota} tokens is used up ({used or 0} so far today)",
+            f"The daily quota of {quota} tokens is used up ({used} so far today{running})",
             headers=_retry_after(_until_midnight()),
         )
+    allowed = min(max_output_tokens or settings.max_output_tokens, left - prompt_tokens)
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(reserved_tokens=prompt_tokens + allowed)
+        .execution_options(synchronize_session=False)
+    )
+    return allowed
 
 
 async def record_usage(session: AsyncSession, user_id: str, tokens: int) -> None:

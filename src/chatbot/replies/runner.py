@@ -15,6 +15,7 @@ from chatbot.config import Settings
 from chatbot.context.builder import ContextTooLarge
 from chatbot.context.chores import FollowUp
 from chatbot.context.tokens import TokenCounter
+from chatbot.conversations import repository as conversations
 from chatbot.db import utcnow
 from chatbot.errors import AppError
 from chatbot.llm.client import (
@@ -64,6 +65,8 @@ class ReplyJob:
     """The prompt's size as the turn planned it."""
     budget: int | None = None
     """The context budget a prompt grown by tool results must stay within."""
+    max_output_tokens: int | None = None
+    """What the client asked each call to produce at most (the quota may allow less)."""
     tools: Mapping[str, Tool] = field(default_factory=dict)
     follow_up: FollowUp | None = None
 
@@ -236,12 +239,26 @@ class ReplyRunner:
             )
         async with self._sessionmaker() as session:
             # Every round is a call to the model: it counts against the user's day.
-            await quotas.check_turn(session, self._settings, reply.ref.user_id, turn.prompt_tokens)
+            ref = reply.ref
+            if not await conversations.hold_reply(
+                session, ref.user_id, ref.conversation_id, ref.message_id
+            ):
+                raise Superseded()
+            max_tokens = await quotas.admit_call(
+                session,
+                self._settings,
+                user_id=ref.user_id,
+                conversation_id=ref.conversation_id,
+                prompt_tokens=turn.prompt_tokens,
+                max_output_tokens=job.max_output_tokens,
+            )
+            await session.commit()
         last = turn.rounds >= self._settings.max_tool_rounds
         return replace(
             request,
             messages=[*request.messages, *added],
             tool_choice="none" if last else None,
+            max_output_tokens=max_tokens,
         )
 
     async def _store_calls(
