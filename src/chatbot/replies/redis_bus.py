@@ -130,6 +130,8 @@ class _Produced:
         self.in_redis = False
         """Whether Redis holds the stream up to `written`; when not, it is written whole."""
         self.closed_at: float | None = None
+        self.off_bus = False
+        """Set when the reply cannot be written at all: it goes on without the bus."""
         self._bus = bus
 
     def publish(self, item: Item) -> None:
@@ -238,6 +240,8 @@ class RedisBus:
 
     def changed(self, produced: _Produced) -> None:
         """Something of `produced` is not in Redis yet: the writer takes it within a flush."""
+        if produced.off_bus:
+            return
         self._pending[produced.reply_id] = produced
         self._wake.set()
 
@@ -252,7 +256,7 @@ class RedisBus:
             self._pending.clear()
             try:
                 await self._write(batch)
-            except Exception as exc:
+            except (redis.RedisError, OSError) as exc:
                 self._trouble(exc)
                 now = time.monotonic()
                 for produced in batch:
@@ -264,6 +268,13 @@ class RedisBus:
                 self._wake.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _RETRY_BACKOFF[1])
+            except Exception:
+                # Not Redis's doing, so writing again would fail again: these replies go on
+                # without the bus, and followers elsewhere read them from the database.
+                logger.exception("could not write %d replies to Redis", len(batch))
+                for produced in batch:
+                    produced.off_bus = True
+                    self._produced.pop(produced.reply_id, None)
             else:
                 backoff = _RETRY_BACKOFF[0]
                 self._answered()
