@@ -85,7 +85,7 @@ async def test_a_stream_lost_with_redis_is_written_whole_again(
         channel.finish(Outcome(message={"id": str(reply_id)}))
         channel.close()
         followed = await asyncio.wait_for(following, 5)
-        assert await producer.remains(reply_id) == [Delta("ab", 2), Delta("cd", 4)]
+        assert await producer.remains(reply_id) == [Delta("abcd", 4)]  # ended: joined
     finally:
         await raw.aclose()
     assert _text(followed) == "abcd"
@@ -123,3 +123,37 @@ async def test_a_reply_the_bus_never_held_is_off_the_bus(
         await _followed(other, uuid.uuid4())
     assert not await other.stop(uuid.uuid4(), StopReason.CANCELLED)
     assert await other.remains(uuid.uuid4()) is None
+
+
+async def test_an_ended_reply_is_kept_as_its_text_not_an_entry_per_delta(
+    buses: tuple[RedisBus, RedisBus], redis_server: RedisServer
+) -> None:
+    producer, other = buses
+    reply_id = uuid.uuid4()
+    channel = producer.open(reply_id, lambda _: None)
+    for end in range(1, 201):
+        channel.publish(Delta("x", end))
+        await asyncio.sleep(0.001 if end % 20 else 0.02)  # several flushes
+    channel.publish(ToolEvent("tool_call", {"id": "c1"}, 201))
+    channel.publish(Delta("y", 202))
+    channel.finish(Outcome(message={"id": str(reply_id)}))
+    channel.close()
+    raw = redis.Redis.from_url(redis_server.url)
+    key = f"chatbot:reply:{reply_id}"
+
+    async def expiring() -> bool:  # the outcome is written
+        return bool(await raw.ttl(key) > 0)
+
+    try:
+        await eventually(expiring, 5)
+        entries = await raw.xlen(key)
+    finally:
+        await raw.aclose()
+    assert entries == 1
+    assert await other.remains(reply_id) == [
+        Delta("x" * 200, 200),
+        ToolEvent("tool_call", {"id": "c1"}, 201),
+        Delta("y", 202),
+    ]
+    followed = await _followed(other, reply_id, after=150)
+    assert _text(followed) == "x" * 50 + "y"

@@ -77,6 +77,22 @@ def decode_items(raw: bytes) -> list[Item]:
     return items
 
 
+def joined(items: Sequence[Item]) -> list[Item]:
+    """The items with each run of deltas joined into one, at the same positions."""
+    result: list[Item] = []
+    run: list[Delta] = []
+    for item in [*items, None]:
+        if isinstance(item, Delta):
+            run.append(item)
+            continue
+        if run:
+            result.append(Delta("".join(delta.text for delta in run), run[-1].end))
+            run = []
+        if item is not None:
+            result.append(item)
+    return result
+
+
 def encode_outcome(outcome: Outcome) -> str:
     return json.dumps(
         {
@@ -281,7 +297,10 @@ class RedisBus:
 
     async def _write(self, batch: list[_Produced]) -> None:
         """One round trip for everything new of `batch`; a stream that vanished meanwhile
-        (Redis restarted empty, or it expired) is written whole on the next."""
+        (Redis restarted empty, or it expired) is written whole on the next. A reply that
+        ended is written whole once more, its deltas joined, with its outcome: what Redis
+        keeps of it until it expires is about its text, not an entry per delta (a reader
+        midway skips what it has by position)."""
         pipe = self._redis.pipeline(transaction=True)
         commands = 0
         plans: list[tuple[_Produced, int | None, int, bool]] = []
@@ -289,15 +308,15 @@ class RedisBus:
             key = _stream(produced.reply_id)
             items = produced.local.items
             count = len(items)
-            whole = not produced.in_redis
+            outcome = produced.local.outcome if not produced.outcome_written else None
+            whole = not produced.in_redis or outcome is not None
             fields: dict[str, str] = {}
             if whole:
                 pipe.delete(key)
                 commands += 1
-                fields["i"] = encode_items(items)
+                fields["i"] = encode_items(joined(items) if outcome is not None else items)
             elif count > produced.written:
                 fields["i"] = encode_items(items[produced.written : count])
-            outcome = produced.local.outcome if not produced.outcome_written else None
             if outcome is not None:
                 fields["o"] = encode_outcome(outcome)
             added = None
