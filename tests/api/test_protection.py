@@ -183,6 +183,26 @@ async def test_the_daily_token_quota_is_checked_before_the_model_is_called(
         assert len(await service.messages(conversation["id"])) == 2
 
 
+async def test_a_call_carries_max_tokens_where_the_quota_bounds_it(start_service: Any) -> None:
+    async with start_service(daily_token_quota=100_000) as service:
+        conversation = await service.create_conversation()
+        assert (await service.send(conversation["id"], "hi")).status_code == 201
+        # Room for all the reply may be: nothing the client did not ask for is sent.
+        assert "max_tokens" not in service.upstream.requests[-1].body
+    async with start_service(daily_token_quota=200) as service:
+        conversation = await service.create_conversation("bob")
+        reply = (await service.send(conversation["id"], "hi", user="bob")).json()
+        prompt = reply["assistant_message"]["prompt_token_count"]
+        assert service.upstream.requests[-1].body["max_tokens"] == 200 - prompt
+    async with start_service(daily_token_quota=40) as service:
+        conversation = await service.create_conversation("carol")
+        # Room for the prompt, not for a reply worth the call: refused, nothing sent.
+        refused = await service.send(conversation["id"], "word " * 15, user="carol")
+        assert refused.status_code == 429
+        assert refused.json()["code"] == "quota_exceeded"
+        assert len(service.upstream.requests) == 2
+
+
 async def test_bodies_over_the_limit_are_413(start_service: Any) -> None:
     async with start_service(max_body_bytes=4096) as service:
         declared = await service.client.post(

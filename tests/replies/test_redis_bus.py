@@ -141,15 +141,17 @@ async def test_an_ended_reply_is_kept_as_its_text_not_an_entry_per_delta(
     raw = redis.Redis.from_url(redis_server.url)
     key = f"chatbot:reply:{reply_id}"
 
-    async def expiring() -> bool:  # the outcome is written
-        return bool(await raw.ttl(key) > 0)
+    async def written_whole() -> bool:  # with its outcome, the lease given up
+        return not await raw.exists(f"chatbot:lease:{reply_id}")
 
     try:
-        await eventually(expiring, 5)
+        await eventually(written_whole, 5)
         entries = await raw.xlen(key)
+        expires = await raw.ttl(key)
     finally:
         await raw.aclose()
     assert entries == 1
+    assert 0 < expires <= 60
     assert await other.remains(reply_id) == [
         Delta("x" * 200, 200),
         ToolEvent("tool_call", {"id": "c1"}, 201),
@@ -157,3 +159,17 @@ async def test_an_ended_reply_is_kept_as_its_text_not_an_entry_per_delta(
     ]
     followed = await _followed(other, reply_id, after=150)
     assert _text(followed) == "x" * 50 + "y"
+
+
+async def test_followers_of_a_closing_bus_hand_over_rather_than_hang(
+    buses: tuple[RedisBus, RedisBus],
+) -> None:
+    producer, other = buses
+    reply_id = uuid.uuid4()
+    producer.open(reply_id, lambda _: None).publish(Delta("x", 1))
+    await eventually(lambda: other.alive([reply_id]))
+    following = asyncio.create_task(_followed(other, reply_id))
+    await eventually(lambda: other.followers(reply_id) == 1)
+    await other.aclose()
+    with pytest.raises(OffBus):
+        await asyncio.wait_for(following, 5)

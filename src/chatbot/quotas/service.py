@@ -108,6 +108,11 @@ def too_many_replies(settings: Settings) -> TooManyReplies:
     )
 
 
+MIN_REPLY_TOKENS = 16
+"""A call is not worth making with room for fewer tokens than this (or than the client asked
+for): it would end cut short, or empty for a reasoning model, and cost the turn."""
+
+
 async def admit_call(
     session: AsyncSession,
     settings: Settings,
@@ -118,45 +123,51 @@ async def admit_call(
     max_output_tokens: int | None,
 ) -> int | None:
     """Before each call to the model, in a transaction that holds the user's turn lock: the
-    `max_tokens` the call may use, its cost reserved on the conversation. 429 when the day
-    cannot cover the prompt and one token more. Without a quota, what the client asked for.
-    (The cap on concurrent replies is applied where a conversation is claimed.)"""
+    `max_tokens` the call must carry, its cost reserved on the conversation. 429 when what
+    the day has left cannot cover the prompt and a useful reply. Without a quota, or with room
+    for everything the call may produce, what the client asked for (maybe nothing: the
+    provider's own limit then applies). (The cap on running replies is applied where a
+    conversation is claimed.)"""
     quota = settings.daily_token_quota
     if quota is None:
         return max_output_tokens
-    used = (
-        await session.scalar(
-            select(DailyUsage.total_tokens).where(
-                DailyUsage.user_id == user_id, DailyUsage.day == _today()
+    # One statement, one snapshot: a reply that ends meanwhile moves its tokens from its
+    # reservation to the day in one commit, and is counted once either way.
+    used, reserved = (
+        await session.execute(
+            select(
+                func.coalesce(
+                    select(DailyUsage.total_tokens)
+                    .where(DailyUsage.user_id == user_id, DailyUsage.day == _today())
+                    .scalar_subquery(),
+                    0,
+                ),
+                select(func.coalesce(func.sum(Conversation.reserved_tokens), 0))
+                .where(
+                    Conversation.user_id == user_id,
+                    Conversation.active_reply_id.is_not(None),
+                    Conversation.id != conversation_id,
+                )
+                .scalar_subquery(),
             )
         )
-        or 0
-    )
-    reserved = (
-        await session.scalar(
-            select(func.coalesce(func.sum(Conversation.reserved_tokens), 0)).where(
-                Conversation.user_id == user_id,
-                Conversation.active_reply_id.is_not(None),
-                Conversation.id != conversation_id,
-            )
-        )
-        or 0
-    )
-    left = quota - used - reserved
-    if left <= prompt_tokens:
+    ).one()
+    asked = max_output_tokens or settings.max_output_tokens
+    room = quota - used - reserved - prompt_tokens
+    if room < min(asked, MIN_REPLY_TOKENS):
         running = f", {reserved} held by running replies" if reserved else ""
         raise QuotaExceeded(
             f"The daily quota of {quota} tokens is used up ({used} so far today{running})",
             headers=_retry_after(_until_midnight()),
         )
-    allowed = min(max_output_tokens or settings.max_output_tokens, left - prompt_tokens)
+    allowed = min(asked, room)
     await session.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id)
         .values(reserved_tokens=prompt_tokens + allowed)
         .execution_options(synchronize_session=False)
     )
-    return allowed
+    return allowed if max_output_tokens is not None or allowed < asked else None
 
 
 async def record_usage(session: AsyncSession, user_id: str, tokens: int) -> None:

@@ -103,6 +103,10 @@ class MemoryChannel:
         self._ends.append(item.end)
         self._notify()
 
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
     def lose(self) -> None:
         """The rest of the reply will not come this way: followers get what there is, then
         `OffBus`."""

@@ -41,13 +41,18 @@ class ReplyKeeper:
         *,
         interval_seconds: float,
         stale_after_seconds: float,
+        unknown_stale_after_seconds: float | None = None,
         sweep_every: int = SWEEP_EVERY,
     ) -> None:
+        """`stale_after_seconds` without a checkpoint (and, when the bus tracks producers, a
+        lapsed lease) makes a reply abandoned; `unknown_stale_after_seconds` when the bus
+        cannot say whether producers live."""
         self._sessionmaker = sessionmaker
         self._registry = registry
         self._bus = bus
         self._interval = interval_seconds
         self._stale_after = stale_after_seconds
+        self._unknown_stale_after = unknown_stale_after_seconds or stale_after_seconds
         self._sweep_every = sweep_every
         # Starting up, the database is taken to have answered all along (others' producers
         # have been marking their replies alive); an outage seen here resets it.
@@ -157,7 +162,11 @@ class ReplyKeeper:
             try:
                 alive = local | await self._bus.alive(stale)
             except BusUnavailable:
-                return []  # whether their producers live is unknown: not now
+                # Whether their producers live is unknown: only checkpoints can tell, as
+                # when the bus does not reach other instances, over a longer period.
+                stale_before = now - timedelta(seconds=self._unknown_stale_after)
+                stale = await repository.stale(session, stale_before)
+                alive = local
             abandoned = [message_id for message_id in stale if message_id not in alive]
             if abandoned:
                 abandoned = await repository.abandon(

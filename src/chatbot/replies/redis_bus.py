@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_SECONDS = 1.0
 """How long a reader waits on a quiet stream before it checks that the producer lives."""
 _RETRY_BACKOFF = (0.1, 5.0)
+_CLOSE_SECONDS = 2.0
+"""How long closing waits for Redis to take the last writes."""
 
 
 def _stream(reply_id: uuid.UUID) -> str:
@@ -207,6 +209,7 @@ class RedisBus:
         self._wake = asyncio.Event()
         self._mirrors: dict[uuid.UUID, _Mirror] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._reachable = True
 
     # --- lifetime -----------------------------------------------------------------------------
@@ -219,17 +222,23 @@ class RedisBus:
         ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
+        """Write what is pending (the last outcomes) if Redis takes it within a bound; the
+        followers here of replies produced elsewhere go on from the database."""
+        writer = self._tasks[0] if self._tasks else None
+        for task in self._tasks[1:]:
             task.cancel()
         for mirror in self._mirrors.values():
             mirror.reader.cancel()
+        self._closing = True
+        self._wake.set()
+        if writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(writer), _CLOSE_SECONDS)
+            writer.cancel()
         await asyncio.gather(
             *self._tasks, *(mirror.reader for mirror in self._mirrors.values()),
             return_exceptions=True,
         )  # fmt: skip
-        if self._pending:  # the last outcomes, if Redis takes them
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._write(list(self._pending.values())), 2.0)
         await self._redis.aclose()
 
     def _trouble(self, exc: BaseException) -> None:
@@ -263,9 +272,9 @@ class RedisBus:
 
     async def _write_forever(self) -> None:
         backoff = _RETRY_BACKOFF[0]
-        while True:
+        while not (self._closing and not self._pending):
             await self._wake.wait()
-            if self._flush_seconds:
+            if self._flush_seconds and not self._closing:
                 await asyncio.sleep(self._flush_seconds)
             self._wake.clear()
             batch = list(self._pending.values())
@@ -281,26 +290,25 @@ class RedisBus:
                         self._produced.pop(produced.reply_id, None)  # followers have the DB
                     elif produced.reply_id not in self._pending:
                         self._pending[produced.reply_id] = produced
+                if self._closing:
+                    return
                 self._wake.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _RETRY_BACKOFF[1])
-            except Exception:
-                # Not Redis's doing, so writing again would fail again: these replies go on
-                # without the bus, and followers elsewhere read them from the database.
-                logger.exception("could not write %d replies to Redis", len(batch))
-                for produced in batch:
-                    produced.off_bus = True
-                    self._produced.pop(produced.reply_id, None)
             else:
                 backoff = _RETRY_BACKOFF[0]
                 self._answered()
 
     async def _write(self, batch: list[_Produced]) -> None:
-        """One round trip for everything new of `batch`; a stream that vanished meanwhile
-        (Redis restarted empty, or it expired) is written whole on the next. A reply that
-        ended is written whole once more, its deltas joined, with its outcome: what Redis
-        keeps of it until it expires is about its text, not an entry per delta (a reader
-        midway skips what it has by position)."""
+        """One round trip for everything new of `batch`.
+
+        A stream that vanished (Redis restarted empty, or it expired) is written whole on the
+        next round trip, and so is a reply that ended: once more, its deltas joined, with its
+        outcome, so that what Redis keeps of it until it expires is about its text, not an
+        entry per delta. A stream written whole is trimmed to that one entry rather than
+        deleted, which keeps its entry ids rising for readers midway (they skip what they
+        have by position). Running streams expire too, in case their producer dies: the lease
+        renewals push that back."""
         pipe = self._redis.pipeline(transaction=True)
         commands = 0
         plans: list[tuple[_Produced, int | None, int, bool]] = []
@@ -308,31 +316,34 @@ class RedisBus:
             key = _stream(produced.reply_id)
             items = produced.local.items
             count = len(items)
-            outcome = produced.local.outcome if not produced.outcome_written else None
-            whole = not produced.in_redis or outcome is not None
-            fields: dict[str, str] = {}
-            if whole:
-                pipe.delete(key)
-                commands += 1
-                fields["i"] = encode_items(joined(items) if outcome is not None else items)
-            elif count > produced.written:
-                fields["i"] = encode_items(items[produced.written : count])
-            if outcome is not None:
-                fields["o"] = encode_outcome(outcome)
+            outcome = produced.local.outcome
+            whole = not produced.in_redis or (outcome is not None and not produced.outcome_written)
+            try:
+                fields = self._fields(produced, items, count, outcome, whole=whole)
+            except Exception:
+                # Not Redis's doing, so writing it again would fail again: this reply goes on
+                # without the bus, and its followers elsewhere read it from the database.
+                logger.exception("could not write reply %s to Redis", produced.reply_id)
+                produced.off_bus = True
+                self._produced.pop(produced.reply_id, None)
+                continue
             added = None
             if fields:
-                pipe.xadd(key, fields, nomkstream=not whole)  # type: ignore[arg-type]
+                if whole:
+                    pipe.xadd(key, fields, maxlen=1, approximate=False)  # type: ignore[arg-type]
+                else:
+                    pipe.xadd(key, fields, nomkstream=True)  # type: ignore[arg-type]
                 added = commands
-                commands += 1
+                pipe.expire(key, self._ttl)
+                commands += 2
             if produced.running:
                 if whole:
                     pipe.set(_lease(produced.reply_id), self.instance, px=self._lease_ms)
                     commands += 1
             else:
-                pipe.expire(key, self._ttl)
                 pipe.delete(_lease(produced.reply_id))
-                commands += 2
-            plans.append((produced, added, count, outcome is not None))
+                commands += 1
+            plans.append((produced, added, count, whole and outcome is not None))
         results = await pipe.execute()
         for produced, added, count, wrote_outcome in plans:
             if added is not None and results[added] is None:  # NOMKSTREAM: it vanished
@@ -344,6 +355,20 @@ class RedisBus:
             produced.outcome_written = produced.outcome_written or wrote_outcome
             if produced.closed_at is not None and produced.reply_id not in self._pending:
                 self._produced.pop(produced.reply_id, None)
+
+    @staticmethod
+    def _fields(
+        produced: _Produced, items: list[Item], count: int, outcome: Outcome | None, *, whole: bool
+    ) -> dict[str, str]:
+        """The entry to add for `produced`, if any: everything when `whole`, else what is new."""
+        if whole:
+            fields = {"i": encode_items(joined(items) if outcome is not None else items)}
+            if outcome is not None:
+                fields["o"] = encode_outcome(outcome)
+            return fields
+        return (
+            {"i": encode_items(items[produced.written : count])} if count > produced.written else {}
+        )
 
     async def _renew_forever(self) -> None:
         while True:
@@ -357,7 +382,7 @@ class RedisBus:
                 for produced in running:
                     pipe.set(_lease(produced.reply_id), self.instance, px=self._lease_ms)
                 for produced in running:
-                    pipe.exists(_stream(produced.reply_id))
+                    pipe.expire(_stream(produced.reply_id), self._ttl)
                 results = await pipe.execute()
             except Exception as exc:
                 self._trouble(exc)
@@ -389,7 +414,7 @@ class RedisBus:
         try:
             asked = json.loads(data)
             reply_id, reason = uuid.UUID(asked["id"]), StopReason(asked["reason"])
-        except (ValueError, KeyError, TypeError):
+        except Exception:
             logger.warning("ignored a malformed stop message")
             return
         self._here.stop_here(reply_id, reason)
@@ -461,7 +486,7 @@ class RedisBus:
         self, reply_id: uuid.UUID, after: int
     ) -> AsyncGenerator[Batch | Outcome, None]:
         mirror = self._mirrors.get(reply_id)
-        if mirror is None:
+        if mirror is None or mirror.channel.lost:  # a lost reader is not asked again
             channel = MemoryChannel(lambda _: None, lambda: None)
             reader = asyncio.create_task(self._read(reply_id, channel), name="redis-bus-reader")
             mirror = self._mirrors[reply_id] = _Mirror(channel, reader)
@@ -496,6 +521,7 @@ class RedisBus:
                     if self._take(channel, fields):
                         return
         except asyncio.CancelledError:
+            channel.lose()  # its followers, if any are left, go on from the database
             raise
         except Exception as exc:
             if isinstance(exc, (redis.RedisError, OSError)):

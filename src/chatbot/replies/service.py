@@ -28,6 +28,10 @@ from chatbot.replies.runner import ReplyJob, ReplyRunner
 from chatbot.replies.status import Mover
 from chatbot.replies.store import ReplyStore
 
+MISSED_CHECKPOINTS = 3
+"""With a bus that tracks producers: how many checkpoints a producer whose lease lapsed must
+also have missed before its replies count as abandoned."""
+
 
 class Replies:
     def __init__(
@@ -50,14 +54,21 @@ class Replies:
             sessionmaker, self.registry, self.bus, settings.checkpoint_seconds
         )
         # A bus that reaches every instance knows their producers' leases: a dead one's
-        # replies are stored once its lease and checkpoints lapse, swept for every checkpoint.
+        # replies are stored once its lease has lapsed and it missed a few checkpoints (a
+        # live producer that Redis lost sight of still checkpoints), swept at every
+        # checkpoint; while the bus cannot be reached, as without it.
         lease = self.bus.lease_seconds
         self.keeper = ReplyKeeper(
             sessionmaker,
             self.registry,
             self.bus,
             interval_seconds=settings.checkpoint_seconds,
-            stale_after_seconds=lease or settings.stale_reply_seconds,
+            stale_after_seconds=(
+                max(lease, MISSED_CHECKPOINTS * settings.checkpoint_seconds)
+                if lease
+                else settings.stale_reply_seconds
+            ),
+            unknown_stale_after_seconds=settings.stale_reply_seconds,
             sweep_every=1 if lease else SWEEP_EVERY,
         )
         self._keeping: asyncio.Task[None] | None = None
