@@ -21,8 +21,8 @@ class TurnError(Exception):
 
 
 class RawStream:
-    """One keep-alive HTTP/1.1 connection that POSTs and reads a body as it arrives (chunked,
-    as streams come, or of a Content-Length)."""
+    """One keep-alive HTTP/1.1 connection that POSTs (or GETs) and reads a body as it arrives
+    (chunked, as streams come, or of a Content-Length)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -40,15 +40,23 @@ class RawStream:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> int:
         """Send the request, read the status and the headers; the body is left to `body()`."""
+        return await self._send(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n",
+            body,
+            headers,
+        )
+
+    async def get(self, path: str, headers: dict[str, str]) -> int:
+        """A GET (following a reply's stream), read like a POST's answer."""
+        return await self._send(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n", b"", headers)
+
+    async def _send(self, head: str, body: bytes, headers: dict[str, str]) -> int:
         if self._writer is None or self._writer.is_closing():
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         assert self._reader is not None
         lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self._writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{lines}\r\n".encode()
-            + body
-        )
+        self._writer.write(f"{head}{lines}\r\n".encode() + body)
         status = int((await self._reader.readline()).split()[1])
         self._chunked, self._length = False, 0
         while (line := await self._reader.readline()) not in (b"\r\n", b""):

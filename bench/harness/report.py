@@ -41,6 +41,15 @@ def fmt(value: float | None, unit: str = " ms") -> str:
     return "-" if value is None else f"{value:.1f}{unit}"
 
 
+def machine_note(machine: dict[str, float], cores: int | None) -> str:
+    """How busy the machine was over a stretch (a `MachineLoad` report), in words: the noise
+    around a figure."""
+    return (
+        f"{machine['cores_busy']:g} of {cores} cores busy, {machine['client_cores']:g} of them "
+        f"the client, {machine['cores_stolen_by_host']:g} stolen by the host"
+    )
+
+
 def met_lines(targets_met: dict[str, bool]) -> list[str]:
     """The Markdown list of a result's targets, each met or not."""
     return [f"- {name}: {'met' if met else 'NOT met'}" for name, met in targets_met.items()]

@@ -43,10 +43,11 @@ def add_result_options(parser: argparse.ArgumentParser) -> None:
 
 
 def scenario_parser(
-    doc: str | None, pg_database: str, targets: list[str]
+    doc: str | None, pg_database: str, targets: list[str] | None
 ) -> argparse.ArgumentParser:
     """The options of every scenario that starts servers: where PostgreSQL is, which
-    configurations run (`direct` always does, see `parse_scenario_args`), where results go."""
+    configurations run (`direct` always does, see `parse_scenario_args`; no `--targets` for a
+    scenario whose configurations are fixed, `targets=None`), where results go."""
     parser = script_parser(doc)
     parser.add_argument(
         "--database-url",
@@ -54,12 +55,13 @@ def scenario_parser(
         help="PostgreSQL server on which the configurations' databases are dropped and created",
     )
     parser.add_argument("--pg-database", default=pg_database)
-    parser.add_argument(
-        "--targets",
-        type=comma_list(str),
-        default=targets,
-        help=f"which of {', '.join(targets)} (direct is always on)",
-    )
+    if targets is not None:
+        parser.add_argument(
+            "--targets",
+            type=comma_list(str),
+            default=targets,
+            help=f"which of {', '.join(targets)} (direct is always on)",
+        )
     add_result_options(parser)
     parser.add_argument("--keep", action="store_true", help="keep the logs and SQLite files")
     return parser

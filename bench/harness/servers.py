@@ -7,13 +7,15 @@
   users sending a lot), `service_settings={}` keeps the service's own defaults (the load test);
   `ours-sqlite-x2`, `ours-postgres-x2`: the same with two worker processes (`--workers 2`),
   each configuration on a database of its own;
-- `litellm`: the LiteLLM proxy (`harness/litellm.py`) relaying to it.
+- `litellm`: the LiteLLM proxy (`harness/litellm.py`) relaying to it;
+- a `redis-server` of the scenario's own (`RedisServer`), for instances of ours that share it.
 """
 
 import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,7 +124,8 @@ def start_service(
 class Servers:
     """`with Servers(...) as servers:` starts the named servers (the upstream always) and
     waits until each answers; leaving the block stops them, the upstream last. Each one's
-    output goes to `<name>.log` in `workdir`."""
+    output goes to `<name>.log` in `workdir`. With `shared_database`, ours are instances of
+    one service, as behind a load balancer: all on the first one's database, migrated once."""
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class Servers:
         service_settings: dict[str, str] | None = None,
         log_level: str = "WARNING",
         service_profile: Path | None = None,
+        shared_database: bool = False,
     ) -> None:
         self.workdir, self.names, self.shapes, self.ttft_ms = workdir, names, shapes, ttft_ms
         self.database_url, self.pg_database, self.peers_venv = (
@@ -148,6 +152,7 @@ class Servers:
             benchmark_settings(shapes[0].model) if service_settings is None else service_settings
         )
         self.log_level, self.service_profile = log_level, service_profile
+        self.shared_database = shared_database
         self.jwt_secret = secrets.token_urlsafe(48)
         self.master_key = "sk-bench-" + secrets.token_hex(16)
         self.servers: dict[str, Server] = {}
@@ -170,9 +175,13 @@ class Servers:
                 *(shape.option() for shape in self.shapes),
             ]
             self._start(DIRECT, ports[DIRECT], upstream, ROOT)
+            shared: str | None = None
             for name in ours:
-                env = self._service_env(name, ports[name], ports[DIRECT])
-                migrate(env)
+                env = self._service_env(name, ports[name], ports[DIRECT], shared)
+                if shared is None:
+                    migrate(env)
+                if self.shared_database:
+                    shared = env["DATABASE_URL"]
                 process = start_service(env, self._log(name), self.service_profile)
                 self._started(name, ports[name], process)
             if litellm is not None:
@@ -233,11 +242,61 @@ class Servers:
         self._processes[name] = process
         self.servers[name] = Server(name, port, process.pid)
 
-    def _service_env(self, name: str, port: int, upstream_port: int) -> dict[str, str]:
+    def _service_env(
+        self, name: str, port: int, upstream_port: int, database_url: str | None = None
+    ) -> dict[str, str]:
+        """On `database_url` when given (another instance's), else on a database of its own,
+        created afresh."""
         workers = workers_of(name)
-        database = self.pg_database if workers == 1 else f"{self.pg_database}_x{workers}"
-        target = SQLITE if SQLITE in name else self.database_url
-        database_url = asyncio.run(prepare_database(target, database, self.workdir, name))
+        if database_url is None:
+            database = self.pg_database if workers == 1 else f"{self.pg_database}_x{workers}"
+            target = SQLITE if SQLITE in name else self.database_url
+            database_url = asyncio.run(prepare_database(target, database, self.workdir, name))
         self.database_urls[name] = database_url
         env = service_env(database_url, upstream_port, port, self.jwt_secret, self.log_level)
         return env | {"CHATBOT_WORKERS": str(workers)} | self.service_settings
+
+
+class RedisServer:
+    """`with RedisServer(workdir) as redis:` starts a redis-server of the scenario's own on a
+    free loopback port, never the machine's (whose data and clients are not the benchmark's),
+    keeping nothing on disk (`--save ""`, `--appendonly no`); leaving the block stops it.
+    `redis.url` is what REDIS_URL says, `redis.pid` the process whose CPU counts; its output
+    goes to `redis.log` in `workdir`."""
+
+    def __init__(self, workdir: Path, executable: str = "redis-server") -> None:
+        self.workdir, self.executable = workdir, executable
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._logs = contextlib.ExitStack()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "the Redis server is not started"
+        return self._process.pid
+
+    def __enter__(self) -> "RedisServer":
+        executable = shutil.which(self.executable)
+        if executable is None:
+            raise RuntimeError(f"{self.executable} is not installed")
+        (self.port,) = free_ports(1)
+        log = self._logs.enter_context((self.workdir / "redis.log").open("wb"))
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self._process = subprocess.Popen(  # noqa: S603
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
+        try:
+            wait_for_port(self.port, self._process, "redis-server")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        stop(self._process, 10)
+        self._logs.close()

@@ -80,17 +80,23 @@ class Target:
     def ours(self) -> bool:
         return is_ours(self.name)
 
-    def request(self, slot: Slot, model: str) -> tuple[str, bytes, dict[str, str]]:
-        """The next streamed request of `slot`: path, body and headers."""
+    def request(
+        self, slot: Slot, model: str, *, background: bool = False
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The next streamed request of `slot`: path, body and headers. On ours, `background`
+        asks for the turn to be started only (202), its reply followed elsewhere."""
         turn = slot.turns[self.name] = slot.turns.get(self.name, 0) + 1
         content = f"client {slot.index} turn {turn}: how far is the moon?"
         if self.ours:
             # In turn through the client's conversations, so that each stays short.
             conversations = slot.conversations[self.name]
             conversation_id = conversations[turn % len(conversations)]
+            message: dict[str, object] = {"content": content}
+            if background:
+                message["background"] = True
             return (
                 f"/v1/conversations/{conversation_id}/messages",
-                json.dumps({"content": content}).encode(),
+                json.dumps(message).encode(),
                 {"Authorization": f"Bearer {slot.token}", "Accept": "text/event-stream"},
             )
         headers = {"Accept": "text/event-stream"}
