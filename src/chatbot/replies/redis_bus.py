@@ -8,9 +8,10 @@ CHATBOT_REDIS_REPLY_TTL_SECONDS. While it runs its producer holds a lease,
 CHATBOT_REPLY_LEASE_SECONDS. A stop goes to that instance over its own pub/sub channel,
 `chatbot:stop:{instance}`.
 
-Followers on the producer's instance follow the reply in memory, as without Redis. Followers
-elsewhere share one reader per reply and instance (a blocking XREAD), so any number of them
-cost one connection.
+Followers on the producer's instance follow the reply in memory, as without Redis. Elsewhere
+one reader per instance reads every reply followed there (one blocking XREAD over all their
+streams), so any number of followers of any number of replies cost one connection, and one
+round trip brings what a producer's flush wrote for all of them.
 
 Redis never keeps a reply: the producer stores it in the database as it would without Redis.
 While Redis cannot be reached the producer keeps its items and writes the stream whole once
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_SECONDS = 1.0
 """How long a reader waits on a quiet stream before it checks that the producer lives."""
 _RETRY_BACKOFF = (0.1, 5.0)
+_JOIN_AFTER_SECONDS = 2.0
+"""How long after a reply ended its stream is joined into one entry: its followers here and
+elsewhere have read it all by then (a reader that falls further behind gets the rest of the
+text in one delta)."""
 _CLOSE_SECONDS = 2.0
 """How long closing waits for Redis to take the last writes."""
 
@@ -148,6 +153,8 @@ class _Produced:
         self.in_redis = False
         """Whether Redis holds the stream up to `written`; when not, it is written whole."""
         self.closed_at: float | None = None
+        self.ended_at: float | None = None
+        """When Redis took the outcome; the stream is joined into one entry a while after."""
         self.off_bus = False
         """Set when the reply cannot be written at all: it goes on without the bus."""
         self._bus = bus
@@ -173,9 +180,20 @@ class _Produced:
 class _Mirror:
     """A reply produced elsewhere, read from Redis once for all its followers here."""
 
-    def __init__(self, channel: MemoryChannel, reader: asyncio.Task[None]) -> None:
-        self.channel = channel
-        self.reader = reader
+    def __init__(self, reply_id: uuid.UUID) -> None:
+        self.reply_id = reply_id
+        self.key = _stream(reply_id).encode()
+        self.channel = MemoryChannel(lambda _: None, lambda: None)
+        self.last: bytes = b"0-0"
+        self.found = False
+        """Whether its stream was there when the reader first looked."""
+        self.heard_at = time.monotonic()
+        self.left = False
+        """Its last follower here left: the reader lets it go."""
+
+    @property
+    def done(self) -> bool:
+        return self.left or self.channel.lost or self.channel.outcome is not None
 
 
 class RedisBus:
@@ -211,6 +229,8 @@ class RedisBus:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._reachable = True
+        self._wanted = asyncio.Event()
+        self._wake_key = f"chatbot:wake:{self.instance}"
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -219,6 +239,7 @@ class RedisBus:
             asyncio.create_task(self._write_forever(), name="redis-bus-writer"),
             asyncio.create_task(self._renew_forever(), name="redis-bus-leases"),
             asyncio.create_task(self._listen_forever(), name="redis-bus-stops"),
+            asyncio.create_task(self._read_forever(), name="redis-bus-reader"),
         ]
 
     async def aclose(self) -> None:
@@ -228,17 +249,14 @@ class RedisBus:
         for task in self._tasks[1:]:
             task.cancel()
         for mirror in self._mirrors.values():
-            mirror.reader.cancel()
+            mirror.channel.lose()  # their followers go on from the database
         self._closing = True
         self._wake.set()
         if writer is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(writer), _CLOSE_SECONDS)
             writer.cancel()
-        await asyncio.gather(
-            *self._tasks, *(mirror.reader for mirror in self._mirrors.values()),
-            return_exceptions=True,
-        )  # fmt: skip
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._redis.aclose()
 
     def _trouble(self, exc: BaseException) -> None:
@@ -300,16 +318,12 @@ class RedisBus:
                 self._answered()
 
     async def _write(self, batch: list[_Produced]) -> None:
-        """One round trip for everything new of `batch`.
+        """One round trip for everything new of `batch`: an entry per reply, no more.
 
         A stream that vanished (Redis restarted empty, or it expired) is written whole on the
-        next round trip, and so is a reply that ended: once more, its deltas joined, with its
-        outcome, so that what Redis keeps of it until it expires is about its text, not an
-        entry per delta. A stream written whole is trimmed to that one entry rather than
-        deleted, which keeps its entry ids rising for readers midway (they skip what they
-        have by position). Running streams expire too, in case their producer dies: the lease
-        renewals push that back."""
-        pipe = self._redis.pipeline(transaction=True)
+        next round trip, trimmed to that one entry rather than deleted, which keeps its entry
+        ids rising for readers midway (they skip what they have by position)."""
+        pipe = self._redis.pipeline(transaction=False)
         commands = 0
         plans: list[tuple[_Produced, int | None, int, bool]] = []
         for produced in batch:
@@ -317,7 +331,7 @@ class RedisBus:
             items = produced.local.items
             count = len(items)
             outcome = produced.local.outcome
-            whole = not produced.in_redis or (outcome is not None and not produced.outcome_written)
+            whole = not produced.in_redis
             try:
                 fields = self._fields(produced, items, count, outcome, whole=whole)
             except Exception:
@@ -329,22 +343,25 @@ class RedisBus:
                 continue
             added = None
             if fields:
+                added = commands
                 if whole:
                     pipe.xadd(key, fields, maxlen=1, approximate=False)  # type: ignore[arg-type]
+                    pipe.expire(key, self._ttl)
+                    commands += 2
                 else:
                     pipe.xadd(key, fields, nomkstream=True)  # type: ignore[arg-type]
-                added = commands
-                pipe.expire(key, self._ttl)
-                commands += 2
+                    commands += 1
             if produced.running:
                 if whole:
                     pipe.set(_lease(produced.reply_id), self.instance, px=self._lease_ms)
                     commands += 1
             else:
+                pipe.expire(key, self._ttl)
                 pipe.delete(_lease(produced.reply_id))
-                commands += 1
-            plans.append((produced, added, count, whole and outcome is not None))
+                commands += 2
+            plans.append((produced, added, count, "o" in fields))
         results = await pipe.execute()
+        now = time.monotonic()
         for produced, added, count, wrote_outcome in plans:
             if added is not None and results[added] is None:  # NOMKSTREAM: it vanished
                 produced.in_redis = False
@@ -352,30 +369,41 @@ class RedisBus:
                 continue
             produced.in_redis = True
             produced.written = count
-            produced.outcome_written = produced.outcome_written or wrote_outcome
-            if produced.closed_at is not None and produced.reply_id not in self._pending:
-                self._produced.pop(produced.reply_id, None)
+            if wrote_outcome:
+                produced.outcome_written = True
+                produced.ended_at = now
+            elif produced.closed_at is not None and produced.local.outcome is None:
+                self._produced.pop(produced.reply_id, None)  # ended with no outcome to tell
 
     @staticmethod
     def _fields(
         produced: _Produced, items: list[Item], count: int, outcome: Outcome | None, *, whole: bool
     ) -> dict[str, str]:
-        """The entry to add for `produced`, if any: everything when `whole`, else what is new."""
+        """The entry to add for `produced`, if any: everything when `whole`, else what is new;
+        the outcome once there is one and Redis has not got it."""
+        fields: dict[str, str] = {}
         if whole:
-            fields = {"i": encode_items(joined(items) if outcome is not None else items)}
-            if outcome is not None:
-                fields["o"] = encode_outcome(outcome)
-            return fields
-        return (
-            {"i": encode_items(items[produced.written : count])} if count > produced.written else {}
-        )
+            fields["i"] = encode_items(items)
+        elif count > produced.written:
+            fields["i"] = encode_items(items[produced.written : count])
+        if outcome is not None and (whole or not produced.outcome_written):
+            fields["o"] = encode_outcome(outcome)
+        return fields
 
     async def _renew_forever(self) -> None:
+        """Renew the leases of running replies (and push their streams' expiry back), and
+        join ended ones into one entry."""
         while True:
             assert self.lease_seconds is not None
             await asyncio.sleep(self.lease_seconds / 3)
             running = [each for each in self._produced.values() if each.running and each.in_redis]
-            if not running:
+            now = time.monotonic()
+            ended = [
+                each
+                for each in self._produced.values()
+                if each.ended_at is not None and now - each.ended_at >= _JOIN_AFTER_SECONDS
+            ]
+            if not running and not ended:
                 continue
             try:
                 pipe = self._redis.pipeline(transaction=False)
@@ -383,14 +411,30 @@ class RedisBus:
                     pipe.set(_lease(produced.reply_id), self.instance, px=self._lease_ms)
                 for produced in running:
                     pipe.expire(_stream(produced.reply_id), self._ttl)
+                for produced in ended:
+                    self._join(pipe, produced)
                 results = await pipe.execute()
-            except Exception as exc:
+            except (redis.RedisError, OSError) as exc:
                 self._trouble(exc)
+                for produced in ended:
+                    if produced.ended_at is not None and now - produced.ended_at > self._ttl:
+                        self._produced.pop(produced.reply_id, None)
                 continue
-            for produced, exists in zip(running, results[len(running) :], strict=True):
+            for produced, exists in zip(running, results[len(running) :], strict=False):
                 if not exists:  # Redis restarted empty while the reply was quiet
                     produced.in_redis = False
                     self.changed(produced)
+            for produced in ended:
+                self._produced.pop(produced.reply_id, None)
+
+    def _join(self, pipe: Any, produced: _Produced) -> None:
+        """An ended reply, a while after its followers had it all: one entry, its deltas
+        joined, with its outcome, so that what Redis keeps of it until it expires is about its
+        text, not an entry per flush. Not for a stream that is gone."""
+        outcome = produced.local.outcome
+        assert outcome is not None
+        fields = {"i": encode_items(joined(produced.local.items)), "o": encode_outcome(outcome)}
+        pipe.xadd(_stream(produced.reply_id), fields, maxlen=1, approximate=False, nomkstream=True)
 
     async def _listen_forever(self) -> None:
         """Stops sent to this instance, for replies produced here."""
@@ -486,10 +530,9 @@ class RedisBus:
         self, reply_id: uuid.UUID, after: int
     ) -> AsyncGenerator[Batch | Outcome, None]:
         mirror = self._mirrors.get(reply_id)
-        if mirror is None or mirror.channel.lost:  # a lost reader is not asked again
-            channel = MemoryChannel(lambda _: None, lambda: None)
-            reader = asyncio.create_task(self._read(reply_id, channel), name="redis-bus-reader")
-            mirror = self._mirrors[reply_id] = _Mirror(channel, reader)
+        if mirror is None or mirror.channel.lost:  # a lost one is not asked again
+            mirror = self._mirrors[reply_id] = _Mirror(reply_id)
+            await self._wake_reader()
         try:
             async with aclosing(mirror.channel.follow(after)) as items:
                 async for item in items:
@@ -497,59 +540,122 @@ class RedisBus:
         finally:
             if mirror.channel.followers == 0 and self._mirrors.get(reply_id) is mirror:
                 del self._mirrors[reply_id]
-                mirror.reader.cancel()
+                mirror.left = True
 
-    async def _read(self, reply_id: uuid.UUID, channel: MemoryChannel) -> None:
-        """Copy the reply's stream into `channel` until its outcome; lose it when the stream
-        is not there, has a hole, its producer died, or Redis cannot be reached."""
-        key = _stream(reply_id)
-        last: bytes | str = "0-0"
-        try:
-            if not await self._redis.exists(key):
-                channel.lose()
-                return
-            while True:
-                read = await self._entries(key, last, block=True)
-                if not read and not await self._redis.exists(_lease(reply_id)):
-                    # No producer: one last look for what it wrote before it went.
-                    read = await self._entries(key, last, block=False)
-                    if not read:
-                        channel.lose()
-                        return
-                for entry_id, fields in read:
-                    last = entry_id
-                    if self._take(channel, fields):
-                        return
-        except asyncio.CancelledError:
-            channel.lose()  # its followers, if any are left, go on from the database
-            raise
-        except Exception as exc:
-            if isinstance(exc, (redis.RedisError, OSError)):
-                self._trouble(exc)
+    async def _wake_reader(self) -> None:
+        """Have the reader, blocked on the streams it had, read a new one too."""
+        self._wanted.set()
+        with contextlib.suppress(Exception):  # else it takes it in within a block
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.expire(self._wake_key, self._ttl)
+            await pipe.execute()
+
+    async def _read_forever(self) -> None:
+        """The one reader of every reply followed here and produced elsewhere: a blocking
+        XREAD over all their streams (and this instance's wake stream), so one round trip
+        brings what a producer's flush wrote for all of them. A reply is lost (its followers
+        go on from the database) when its stream is not there, has a hole, its producer died,
+        or Redis cannot be reached."""
+        wake_last = b"0-0"
+        backoff = _RETRY_BACKOFF[0]
+        while True:
+            reading = [mirror for mirror in self._mirrors.values() if not mirror.done]
+            if not reading:
+                self._wanted.clear()
+                await self._wanted.wait()
+                continue
+            try:
+                await self._find([mirror for mirror in reading if not mirror.found])
+                reading = [mirror for mirror in reading if mirror.found and not mirror.done]
+                streams: dict[bytes, bytes] = {mirror.key: mirror.last for mirror in reading}
+                streams[self._wake_key.encode()] = wake_last
+                read = await self._redis.xread(
+                    streams,  # type: ignore[arg-type]
+                    count=1000,
+                    block=self._block_ms,
+                )
+                now = time.monotonic()
+                by_key = {mirror.key: mirror for mirror in reading}
+                for key, entries in cast(list[tuple[bytes, _Entries]], read or []):
+                    if (mirror := by_key.get(key)) is None:
+                        wake_last = entries[-1][0]
+                        continue
+                    mirror.heard_at = now
+                    self._take(mirror, entries)
+                await self._check_quiet(
+                    [each for each in reading if not each.done and now - each.heard_at > 1.0]
+                )
+            except asyncio.CancelledError:
+                for mirror in self._mirrors.values():
+                    mirror.channel.lose()  # their followers go on from the database
+                raise
+            except Exception as exc:
+                if isinstance(exc, (redis.RedisError, OSError)):
+                    self._trouble(exc)
+                else:
+                    logger.exception("could not read replies from Redis")
+                for mirror in reading:
+                    mirror.channel.lose()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RETRY_BACKOFF[1])
             else:
-                logger.exception("could not read reply %s from Redis", reply_id)
-            channel.lose()
+                backoff = _RETRY_BACKOFF[0]
 
-    async def _entries(self, key: str, last: bytes | str, *, block: bool) -> _Entries:
-        read = await self._redis.xread(
-            {key: last}, count=1000, block=self._block_ms if block else None
-        )
-        return cast(_Entries, cast(list[Any], read)[0][1]) if read else []
+    async def _find(self, new: list[_Mirror]) -> None:
+        """Start reading the new ones whose streams are there; lose the others."""
+        if not new:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for mirror in new:
+            pipe.exists(mirror.key)
+        for mirror, there in zip(new, await pipe.execute(), strict=True):
+            if there:
+                mirror.found = True
+            else:
+                mirror.channel.lose()
+
+    async def _check_quiet(self, quiet: list[_Mirror]) -> None:
+        """Of the replies nothing came for a while: those whose producer died are lost, after
+        one last look for what it wrote before it went."""
+        if not quiet:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for mirror in quiet:
+            pipe.exists(_lease(mirror.reply_id))
+        leased = await pipe.execute()
+        now = time.monotonic()
+        orphans = [mirror for mirror, held in zip(quiet, leased, strict=True) if not held]
+        for mirror in quiet:
+            mirror.heard_at = now  # asked again after as long
+        if not orphans:
+            return
+        last = {mirror.key: mirror.last for mirror in orphans}
+        read = await self._redis.xread(last, count=1000)  # type: ignore[arg-type]
+        by_key = {mirror.key: mirror for mirror in orphans}
+        for key, entries in cast(list[tuple[bytes, _Entries]], read or []):
+            self._take(by_key[key], entries)
+        for mirror in orphans:
+            if not mirror.done:
+                mirror.channel.lose()
 
     @staticmethod
-    def _take(channel: MemoryChannel, fields: dict[bytes, bytes]) -> bool:
-        """Add an entry's items to `channel`; True once it holds the outcome (or a hole)."""
-        try:
-            for item in decode_items(fields.get(b"i", b"[]")):
-                if (piece := _past(item, channel.end)) is not None:
-                    channel.publish(piece)
-        except _Gap:
-            channel.lose()
-            return True
-        if (outcome := fields.get(b"o")) is not None:
-            channel.finish(decode_outcome(outcome))
-            return True
-        return False
+    def _take(mirror: _Mirror, entries: _Entries) -> None:
+        """Add entries to the mirror's channel, up to the outcome (or a hole)."""
+        channel = mirror.channel
+        for entry_id, fields in entries:
+            mirror.last = entry_id
+            if channel.lost or channel.outcome is not None:
+                return
+            try:
+                for item in decode_items(fields.get(b"i", b"[]")):
+                    if (piece := _past(item, channel.end)) is not None:
+                        channel.publish(piece)
+            except _Gap:
+                channel.lose()
+                return
+            if (outcome := fields.get(b"o")) is not None:
+                channel.finish(decode_outcome(outcome))
 
     def followers(self, reply_id: uuid.UUID) -> int:
         mirror = self._mirrors.get(reply_id)
