@@ -16,6 +16,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chatbot.ids import is_user_id
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./chatbot.db"
 
 
@@ -170,7 +172,7 @@ class Settings(BaseSettings):
     """`chatbot mcp` over stdio: the JWT of the user its tools act for (authentication on)."""
     mcp_port: int = Field(default=8001, ge=0, le=65535)
     """`chatbot mcp --http` listens here, on CHATBOT_HOST."""
-    mcp_user: str = Field(default="local", min_length=1, max_length=255)
+    mcp_user: str = "local"
     """`chatbot mcp` over stdio with authentication off: the user its tools act for."""
     daily_token_quota: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -180,6 +182,13 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=32_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     history_messages: int = Field(default=50, ge=0)
+
+    @field_validator("mcp_user")
+    @classmethod
+    def _user_id(cls, value: str) -> str:
+        if not is_user_id(value):
+            raise ValueError("1 to 255 printable characters, no space at either end")
+        return value
 
     @field_validator("default_toolsets", "mcp_servers")
     @classmethod

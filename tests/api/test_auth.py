@@ -37,6 +37,20 @@ BAD_CREDENTIALS = {
     "no exp": f"Bearer {_token({'sub': 'alice'})}",
 }
 
+# Signed, but naming nobody a log line or a lookup can hold.
+ODD_SUBJECTS: dict[str, object] = {
+    "NUL in sub": "ali\x00ce",
+    "lone surrogate sub": "ali\ud800ce",
+    "sub ending in a newline": "alice\n",
+    "sub with a space at its start": " alice",
+    "sub of 256 characters": "a" * 256,
+    "sub not a string": 7,
+}
+BAD_CREDENTIALS |= {
+    name: "Bearer " + _token({"sub": subject, "exp": NOW + 3600})
+    for name, subject in ODD_SUBJECTS.items()
+}
+
 ROUTES = [
     ("GET", "/v1/conversations"),
     ("POST", "/v1/conversations"),
@@ -123,6 +137,20 @@ async def test_without_auth_the_user_is_local_or_x_user_id(start_service: Any) -
             f"/v1/conversations/{created.json()['id']}", headers={"X-User-Id": "bob"}
         )
         assert other.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["a\u200bb", "a\tb", "x" * 256, "caf\u00e9\u00a0"],
+    ids=["zero-width", "tab", "long", "nbsp"],
+)
+async def test_an_x_user_id_breaking_the_rule_is_401(start_service: Any, user_id: str) -> None:
+    async with start_service(auth="none") as service:
+        response = await service.client.get(
+            "/v1/conversations", headers={"X-User-Id": user_id.encode("utf-8")}
+        )
+        assert response.status_code == 401
+        assert response.json()["code"] == "invalid_user_id"
 
 
 def test_refuses_to_start_without_auth_on_a_public_address() -> None:

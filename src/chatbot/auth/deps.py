@@ -2,8 +2,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from chatbot.auth.errors import InvalidUserId
-from chatbot.auth.tokens import MAX_USER_ID_LENGTH, TOKEN_PATTERN, verify_token
+from chatbot.auth.tokens import TOKEN_PATTERN, checked_user_id, verify_token
 from chatbot.config import is_loopback_host
 from chatbot.deps import RateLimiterDep, SettingsDep
 from chatbot.errors import Unauthorized
@@ -27,10 +26,7 @@ def identify(request: Request, settings: SettingsDep) -> str:
         server = request.scope.get("server")
         if server and not is_loopback_host(str(server[0])):
             raise Unauthorized("Authentication is required on this address", headers=_CHALLENGE)
-        user_id = request.headers.get("x-user-id", LOCAL_USER).strip()
-        if not user_id or len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
-            raise InvalidUserId()
-        return user_id
+        return checked_user_id(request.headers.get("x-user-id", LOCAL_USER))
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("A Bearer token is required", headers=_CHALLENGE)

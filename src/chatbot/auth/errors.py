@@ -1,4 +1,4 @@
-from chatbot.errors import BadRequest, Unauthorized
+from chatbot.errors import Unauthorized
 
 
 class TokenExpired(Unauthorized):
@@ -11,6 +11,6 @@ class InvalidToken(Unauthorized):
     detail = "The token is not valid"
 
 
-class InvalidUserId(BadRequest):
+class InvalidUserId(Unauthorized):
     code = "invalid_user_id"
-    detail = "X-User-Id is not a valid user id"
+    detail = "The user id is not valid: 1 to 255 printable characters, no space at either end"

@@ -13,6 +13,7 @@ import uuid
 import jwt
 
 from chatbot.auth.errors import InvalidToken, TokenExpired
+from chatbot.auth.tokens import checked_user_id
 from chatbot.config import Settings
 
 _PURPOSE = b"chatbot stream token v1"
@@ -51,6 +52,6 @@ class StreamTokenSigner:
             raise TokenExpired("The stream token has expired") from None
         except jwt.PyJWTError:
             raise InvalidToken("The stream token is not valid") from None
-        if claims["mid"] != str(message_id) or not isinstance(claims["sub"], str):
+        if claims["mid"] != str(message_id):
             raise InvalidToken("The stream token is for another message")
-        return claims["sub"]
+        return checked_user_id(claims["sub"])

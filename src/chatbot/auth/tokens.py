@@ -5,21 +5,28 @@ from typing import Any
 
 import jwt
 
-from chatbot.auth.errors import InvalidToken, TokenExpired
+from chatbot.auth.errors import InvalidToken, InvalidUserId, TokenExpired
 from chatbot.config import Settings
 from chatbot.errors import Unauthorized
+from chatbot.ids import is_user_id
 
 ALGORITHM = "HS256"
-MAX_USER_ID_LENGTH = 255
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$"
 """A compact JWS, as written in a URL."""
+
+
+def checked_user_id(value: object) -> str:
+    if not is_user_id(value):
+        raise InvalidUserId()
+    assert isinstance(value, str)
+    return value
 
 
 def issue_token(settings: Settings, user_id: str, *, ttl_seconds: int = 3600) -> str:
     if settings.jwt_secret is None:
         raise ValueError("CHATBOT_JWT_SECRET is not set")
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
+    claims: dict[str, Any] = {"sub": checked_user_id(user_id), "iat": now, "exp": now + ttl_seconds}
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
     if settings.jwt_issuer:
@@ -45,7 +52,4 @@ def verify_token(settings: Settings, token: str) -> str:
         raise TokenExpired() from None
     except jwt.PyJWTError:
         raise InvalidToken() from None
-    subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject or len(subject) > MAX_USER_ID_LENGTH:
-        raise InvalidToken("The token has no usable subject")
-    return subject
+    return checked_user_id(claims.get("sub"))
