@@ -4,10 +4,10 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import secrets
 import sys
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 from chatbot.config import ConfigError, Settings
 
@@ -15,15 +15,41 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 
+SHOWN_QUERY_PARAMETERS = frozenset({"limit", "cursor", "stream", "starting_after", "model"})
+"""The query parameters the access log shows: those that can carry no secret and no message
+text. Every other value is redacted, whatever its name (`access_token`, `token`, `content`,
+`idempotency_key`, or any name a client makes up)."""
+
+
+def redact_query(target: str) -> str:
+    """A request target with the values of its query redacted, but for the parameters shown.
+    Names are compared as the application reads them: percent-decoded, `+` as a space, and
+    here also without regard to case, so neither `?access_tok%65n=` nor `?Access_Token=`
+    slips past."""
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    pairs = []
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        if unquote_plus(name).strip().lower() in SHOWN_QUERY_PARAMETERS:
+            pairs.append(pair)
+        elif equals:
+            pairs.append(f"{name}=[redacted]" if value else pair)
+        elif pair:
+            pairs.append("[redacted]")  # a bare value: it could be anything
+        else:
+            pairs.append(pair)
+    return f"{path}?{'&'.join(pairs)}"
+
+
 class RedactTokens(logging.Filter):
     """Keep what rides in URLs (tokens, message text) out of the access log."""
-
-    _TOKEN = re.compile(r"((?:access_)?token=|content=)[^&\s]+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                self._TOKEN.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                redact_query(arg) if isinstance(arg, str) and "?" in arg else arg
                 for arg in record.args
             )
         return True
@@ -104,9 +130,12 @@ def _mcp(settings: Settings, *, http: bool) -> None:
 
 def _token(settings: Settings, user_id: str, ttl_seconds: int) -> None:
     from chatbot.auth.tokens import issue_token
+    from chatbot.ids import is_user_id
 
     if settings.jwt_secret is None:
         raise ConfigError("CHATBOT_JWT_SECRET is not set: there is nothing to sign the token with")
+    if not is_user_id(user_id):
+        raise ConfigError("a user id is 1 to 255 printable characters, no space at either end")
     print(issue_token(settings, user_id, ttl_seconds=ttl_seconds))
 
 

@@ -223,10 +223,26 @@ async def test_serve_with_two_workers_answers_and_redacts_each_workers_log(
             assert response.status_code == 201, response.text
             assert response.json()["assistant_message"]["status"] == "completed"
         await client.get("/healthz", params={"access_token": "not-for-the-log"})
+        # Names spelled another way reach the application as the same parameter, or as one
+        # it does not know: the log shows neither value.
+        message = "/v1/messages/00000000-0000-0000-0000-000000000000"
+        dodges = [
+            f"{message}/stream?access_tok%65n={token}",
+            f"{message}/stream?Access_Token={token}",
+            f"{message}/stream?tok%65n=secret-stream-token",
+            "/v1/conversations/00000000-0000-0000-0000-000000000000/stream?con%74ent=my+secret+message",
+            f"/healthz?{token}",
+        ]
+        for target in dodges:
+            await client.get(target, headers={"Authorization": f"Bearer {token}"})
+        await client.get("/v1/conversations?limit=5", headers=headers)
     log = workers.output
     assert log.count("Application startup complete") == 2, log
     assert "access_token=[redacted]" in log
     assert "not-for-the-log" not in log
+    for secret in (token, "secret-stream-token", "my+secret+message"):
+        assert secret not in log, secret
+    assert "?limit=5" in log  # what carries nothing secret stays readable
     assert len(upstream.requests) >= 6
 
 
