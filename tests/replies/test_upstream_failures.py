@@ -1,5 +1,6 @@
 """Each way the model can fail leaves the user message and a reply row with a final status."""
 
+import logging
 from typing import Any
 
 import pytest
@@ -199,3 +200,27 @@ async def test_a_429_with_retry_after_is_retried_before_the_first_token(
         response = await service.send(conversation["id"], QUESTION)
         assert response.status_code == 201
         assert len(service.upstream.requests) == 2
+
+
+async def test_a_provider_message_with_a_key_or_a_host_stays_out_of_the_answer(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="chatbot.llm.openai_client")
+    secret = "sk-live-4f9a8b7c6d5e4f3a2b1c"
+    said = f"Key {secret} is not valid for http://10.1.2.3:8080/v1 (gateway llm-gw.internal.corp)"
+    conversation = await service.create_conversation()
+    service.upstream.queue(
+        Reply(status=400, error={"error": {"message": said, "type": "invalid_request_error"}})
+    )
+    response = await service.send(conversation["id"], QUESTION)
+    assert response.status_code == 502
+    detail = response.json()["detail"]
+    # The status and the provider's kind of error; its message only were it shareable.
+    assert detail == ("The model provider rejected the request (status 400 invalid_request_error)")
+    stored = (await service.messages(conversation["id"]))[-1]
+    assert stored["error"]["detail"] == detail
+    # The log has the message, with what the rule objects to redacted.
+    assert "is not valid for [redacted]" in caplog.text
+    for leak in (secret, "10.1.2.3", "llm-gw.internal.corp"):
+        assert leak not in caplog.text
+        assert leak not in response.text

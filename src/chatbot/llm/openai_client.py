@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -308,13 +309,72 @@ def _rejects_parameter_style(exc: openai.BadRequestError, reasoning: bool) -> bo
     )
 
 
-def _upstream_message(exc: openai.APIStatusError) -> str:
+_URL_OR_HOST = re.compile(
+    r"[a-z][a-z0-9+.-]*://\S*"  # a URL
+    r"|\S*@\S+"  # an address, or credentials in one
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}\b"  # an IPv4 address
+    r"|\[?[0-9a-f]*:[0-9a-f]*:[0-9a-f:]*\]?"  # an IPv6 address
+    r"|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z][a-z-]*[a-z]\b"  # a host name: api.example.com
+    r"|\b[a-z0-9.-]+:\d{2,5}\b",  # host:port
+    re.IGNORECASE,
+)
+_KEY_LIKE = re.compile(
+    r"\b(?:sk|pk|rk|key|api|tok|bearer|ghp|xox[a-z])[-_][A-Za-z0-9_\-*.]{3,}"  # sk-..., key-...
+    r"|[A-Za-z0-9_\-*.+/=]{24,}",  # a long run of token characters
+    re.IGNORECASE,
+)
+_CODE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def shareable(message: str) -> bool:
+    """Whether a provider's error message may reach clients: the rule that keeps keys, hosts
+    and URLs out. At most 300 characters, and nothing in it that looks like a URL, an email
+    address or credentials in one, an IP address, a host name (`api.example.com`, `db:5432`;
+    not a model name such as `gpt-4.1`),
+    or a key (`sk-...` and its kin, or any run of 24 token characters). A message that fails
+    the rule is left out whole: a part of it could still give the rest away."""
+    return (
+        len(message) <= _MAX_UPSTREAM_DETAIL
+        and _URL_OR_HOST.search(message) is None
+        and _KEY_LIKE.search(message) is None
+    )
+
+
+def redacted(message: str) -> str:
+    """A provider's error message for the log: whatever the rule would object to replaced."""
+    return _KEY_LIKE.sub("[redacted]", _URL_OR_HOST.sub("[redacted]", message))[:2000]
+
+
+def _provider_error(exc: openai.APIStatusError) -> tuple[str | None, str]:
+    """The provider's error type or code (when it is a plain identifier) and its message."""
     body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return clean_text(str(inner["message"])[:_MAX_UPSTREAM_DETAIL])
-    return clean_text(str(exc.message)[:_MAX_UPSTREAM_DETAIL])
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    kind = None
+    message = str(exc.message)
+    if isinstance(inner, dict):
+        for field in ("code", "type"):
+            value = inner.get(field)
+            if isinstance(value, str | int) and _CODE.match(str(value)):
+                kind = str(value)
+                break
+        if isinstance(inner.get("message"), str):
+            message = inner["message"]
+    return kind, clean_text(message)
+
+
+def _upstream_detail(exc: openai.APIStatusError, what: str) -> str:
+    """What clients are told of a provider's error: its status, its type or code, and its
+    message when `shareable`; the whole of it goes to the log, redacted."""
+    kind, message = _provider_error(exc)
+    logger.warning(
+        "the model provider answered %d%s: %s",
+        exc.status_code,
+        f" ({kind})" if kind else "",
+        redacted(message),
+    )
+    said = f" {kind}" if kind else ""
+    detail = f"The model provider {what} (status {exc.status_code}{said})"
+    return f"{detail}: {message}" if message and shareable(message) else detail
 
 
 def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError:
@@ -336,8 +396,6 @@ def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError
         return UpstreamAuthFailed()
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code in (400, 404, 422):
-            return UpstreamRejected(
-                f"The model provider rejected the request: {_upstream_message(exc)}"
-            )
-        return UpstreamError(f"The model provider failed with status {exc.status_code}")
+            return UpstreamRejected(_upstream_detail(exc, "rejected the request"))
+        return UpstreamError(_upstream_detail(exc, "failed"))
     return UpstreamInvalidResponse()
