@@ -7,8 +7,10 @@ Counts: the integer columns hold 32-bit signed values; a provider's number that 
 finite, non-negative number is no count at all.
 """
 
+import json
 import math
 import re
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 MAX_COUNT = 2**31 - 1
@@ -42,3 +44,20 @@ def clean_count(value: object) -> int | None:
     if not isinstance(value, int) or value < 0:
         return None
     return min(value, MAX_COUNT)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
+def strict_json(text: str) -> Any:
+    """JSON as RFC 8259 has it: `NaN`, `Infinity` and numbers too large for a float (`1e999`)
+    are a ValueError, not values no database column or client can take."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)

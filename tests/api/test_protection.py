@@ -366,3 +366,33 @@ async def test_a_repeated_query_parameter_is_refused(service: Service) -> None:
     assert response.status_code == 400
     assert response.json()["code"] == "repeated_parameter"
     assert "limit" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_non_finite_numbers_are_422_and_nothing_is_stored_or_logged(
+    service: Service, caplog: pytest.LogCaptureFixture, number: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = await service.create_conversation(title="kept")
+    secret = "my private system prompt"
+    headers = service.auth() | {"Content-Type": "application/json"}
+    attempts = [
+        ("POST", "/v1/conversations", f'{{"title": "{secret}", "metadata": {{"a": {number}}}}}'),
+        ("PATCH", f"/v1/conversations/{created['id']}", f'{{"metadata": {{"a": [{number}]}}}}'),
+        ("POST", "/v1/chat", f'{{"message": "{secret}", "metadata": {{"a": {number}}}}}'),
+        (
+            "POST",
+            f"/v1/conversations/{created['id']}/messages",
+            f'{{"content": "{secret}", "temperature": {number}}}',
+        ),
+    ]
+    for method, path, body in attempts:
+        response = await service.client.request(method, path, content=body, headers=headers)
+        assert response.status_code == 422, (path, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert secret not in response.text
+    listing = await service.client.get("/v1/conversations", headers=service.auth())
+    assert [each["title"] for each in listing.json()["data"]] == ["kept"]
+    assert listing.json()["data"][0]["metadata"] == {}
+    assert len(service.upstream.requests) == 0
+    assert secret not in caplog.text

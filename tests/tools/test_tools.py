@@ -114,6 +114,8 @@ async def test_a_user_id_written_by_the_model_is_refused_not_obeyed(
     ("name", "arguments", "expected"),
     [
         ("add_task", "{not json", "not valid JSON"),
+        ("list_tasks", '{"limit": NaN}', "not valid JSON"),
+        ("list_tasks", '{"limit": 1e999}', "not valid JSON"),
         ("add_task", "[1, 2]", "is not of type 'object'"),
         ("add_task", {}, "'title' is a required property"),
         ("add_task", {"title": "   "}, "title"),

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from chatbot.sanitize import clean_text
+from chatbot.sanitize import clean_text, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def run_tool(
     """Parse, validate and run one call. A cancelled reply cancels the call (CancelledError
     passes through); everything else ends as a result."""
     try:
-        parsed = json.loads(arguments or "{}")
+        parsed = strict_json(arguments or "{}")
     except (ValueError, RecursionError):
         return error_result("the arguments are not valid JSON")
     if errors := argument_errors(tool, parsed):
