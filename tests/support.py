@@ -567,6 +567,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._transports: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        self._silent = False
         self.port = 0
 
     async def start(self) -> "TcpProxy":
@@ -585,12 +586,28 @@ class TcpProxy:
         self._transports.clear()
         await self._server.wait_closed()
 
+    def go_silent(self) -> None:
+        """Keep every connection open, and accept new ones, but carry nothing either way: a
+        network partition, where nothing is refused and nothing answers."""
+        self._silent = True
+
     async def stop(self) -> None:
         await self.refuse()
         for pipe in list(self._pipes):
             pipe.cancel()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._silent:
+            self._transports.add(writer)
+            try:
+                while await reader.read(65536):  # swallowed until the client gives up
+                    pass
+            except ConnectionError:
+                pass
+            finally:
+                self._transports.discard(writer)
+                writer.transport.abort()
+            return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         except OSError:
@@ -601,6 +618,8 @@ class TcpProxy:
         async def pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    if self._silent:
+                        continue
                     target.write(data)
                     await target.drain()
             except (ConnectionError, asyncio.CancelledError):
@@ -653,6 +672,11 @@ class DatabaseOutage:
             return
         self._folder.rename(self._folder.with_name("away"))
         await service.state.engine.dispose()
+
+    def partition(self) -> None:
+        """PostgreSQL only: the database host drops off the network without refusing."""
+        assert self._proxy is not None
+        self._proxy.go_silent()
 
     async def end(self) -> None:
         if self._proxy is not None:

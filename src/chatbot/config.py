@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     db_pool_timeout: float = Field(default=10.0, gt=0)
+    db_connect_timeout: float = Field(default=5.0, gt=0)
+    """PostgreSQL: how long opening a connection may take."""
+    db_statement_timeout: float = Field(default=15.0, gt=0)
+    """PostgreSQL: how long the service waits for any one statement's answer (a server that
+    went silent, as in a network partition, answers 503 after this rather than never)."""
     auto_migrate: bool | None = None
 
     openai_api_key: SecretStr | None = Field(

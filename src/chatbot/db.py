@@ -117,9 +117,14 @@ def create_engine(
     pool_size: int = 10,
     max_overflow: int = 20,
     pool_timeout: float = 10.0,
+    connect_timeout: float = 5.0,
+    statement_timeout: float | None = None,
 ) -> AsyncEngine:
     """An engine whose pool is sized by settings; waiting longer than `pool_timeout` for a
-    connection raises, and is answered 503 rather than left to pile up."""
+    connection raises, and is answered 503 rather than left to pile up. On PostgreSQL a
+    connection must open within `connect_timeout`, and each statement answer within
+    `statement_timeout` (None: no bound, for migrations), so a server that went silent, as
+    behind a network partition, costs a bounded wait."""
     options: dict[str, Any] = {
         # A failed statement's message would carry its parameters (message text, prompts):
         # they must not reach a log.
@@ -133,6 +138,7 @@ def create_engine(
     else:
         # A server can restart under us; a file cannot. The ping costs a round trip per checkout.
         options.update(pool_pre_ping=True, pool_recycle=1800)
+        options["connect_args"] = {"timeout": connect_timeout, "command_timeout": statement_timeout}
     engine = create_async_engine(database_url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite)

@@ -3,6 +3,7 @@ whole once the database answers again; its conversation is free the moment the s
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -181,3 +182,41 @@ async def test_the_sweep_spares_a_reply_marked_alive_after_it_was_found_stale(
         row = await session.get(Message, reply_id)
     assert row is not None
     assert row.status is MessageStatus.IN_PROGRESS
+
+
+async def test_a_network_partition_answers_503_within_a_bound_not_never(
+    database_url: str, start_service: Any, tmp_path: Any
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a network partition is a PostgreSQL matter")
+    async with DatabaseOutage(database_url, tmp_path) as outage:
+        settings = {
+            "database_url": outage.database_url,
+            "db_connect_timeout": 1,
+            "db_statement_timeout": 2,
+            "db_pool_timeout": 2,
+        }
+        async with start_service(**settings) as service:
+            conversation = await service.create_conversation()
+            outage.partition()  # connections stay open and carry nothing, as do new ones
+
+            async def timed(request: Any) -> tuple[float, int]:
+                started = time.monotonic()
+                response = await request
+                return time.monotonic() - started, response.status_code
+
+            readiness = await timed(service.client.get("/readyz", timeout=30))
+            requests = [
+                lambda: service.client.get("/v1/conversations", headers=service.auth(), timeout=60),
+                lambda: service.client.post(
+                    "/v1/conversations", json={"title": "t"}, headers=service.auth(), timeout=60
+                ),
+                lambda: service.send(conversation["id"], "hello?"),
+            ]
+            answers = await asyncio.gather(*(timed(requests[index % 3]()) for index in range(40)))
+
+    assert readiness[1] == 503
+    assert readiness[0] < 3.5
+    assert {status for _, status in answers} <= {503}, answers
+    # Pool wait, connect and one statement, bounded; the client waited up to 60 s.
+    assert max(took for took, _ in answers) < 15, answers
