@@ -159,6 +159,8 @@ class Settings(BaseSettings):
     """With Redis: how long a producer gathers deltas before writing them in one round trip."""
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
+    max_conversations: int = Field(default=100_000, ge=1)
+    """Conversations one user may have; one more is 409 too_many_conversations."""
     max_tool_rounds: int = Field(default=5, ge=0, le=50)
     """Rounds of tool calls one reply may run; the call after the last is made with
     tool_choice=none, so the model answers in words."""

@@ -396,3 +396,69 @@ async def test_non_finite_numbers_are_422_and_nothing_is_stored_or_logged(
     assert listing.json()["data"][0]["metadata"] == {}
     assert len(service.upstream.requests) == 0
     assert secret not in caplog.text
+
+
+_SEED_CONVERSATIONS = {
+    "postgresql": (
+        "INSERT INTO conversations (id, user_id, metadata, message_count, created_at, updated_at)"
+        " SELECT gen_random_uuid(), 'heavy', '{}'::jsonb, 0, now(), now()"
+        " FROM generate_series(1, :count)"
+    ),
+    "sqlite": (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)"
+        " INSERT INTO conversations (id, user_id, metadata, message_count, created_at,"
+        " updated_at) SELECT lower(hex(randomblob(16))), 'heavy', '{}', 0,"
+        " '2026-01-01 00:00:00', '2026-01-01 00:00:00' FROM n"
+    ),
+}
+
+
+async def test_counting_a_users_running_replies_reads_only_their_running_ones(
+    sessionmaker: Any,
+) -> None:
+    """The cap's count (and the quota's reservations) at 10 or 300,000 conversations: the
+    partial index holds only conversations with a reply under way."""
+    from sqlalchemy import text
+
+    from chatbot.conversations.repository import running_replies_of
+
+    async with sessionmaker() as session:
+        dialect = session.get_bind().dialect
+        await session.execute(text(_SEED_CONVERSATIONS[dialect.name]), {"count": 50_000})
+        await session.commit()
+        await session.execute(text("ANALYZE"))
+        counted = running_replies_of("heavy").compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}
+        )
+        explain = "EXPLAIN QUERY PLAN" if dialect.name == "sqlite" else "EXPLAIN (FORMAT JSON)"
+        rows = (await session.execute(text(f"{explain} {counted}"))).all()
+        plan = " ".join(str(value) for row in rows for value in row)
+        assert await session.scalar(running_replies_of("heavy")) == 0
+    assert "ix_conversations_user_id_running" in plan, plan
+
+
+async def test_a_user_has_at_most_the_configured_conversations(start_service: Any) -> None:
+    async with start_service(max_conversations=3) as service:
+        created = await asyncio.gather(
+            *(
+                service.client.post("/v1/conversations", json={}, headers=service.auth())
+                for _ in range(8)
+            ),
+            *(
+                service.client.post(
+                    "/v1/chat", json={"message": "hi", "background": True}, headers=service.auth()
+                )
+                for _ in range(4)
+            ),
+        )
+        statuses = sorted(response.status_code for response in created)
+        refused = [response for response in created if response.status_code == 409]
+        listing = await service.client.get("/v1/conversations", headers=service.auth())
+        others = await service.client.post(
+            "/v1/conversations", json={}, headers=service.auth("bob")
+        )
+    assert len(listing.json()["data"]) == 3
+    assert len([status for status in statuses if status in (201, 202)]) == 3
+    assert len(refused) == 9
+    assert {response.json()["code"] for response in refused} == {"too_many_conversations"}
+    assert others.status_code == 201

@@ -60,7 +60,8 @@ _REPLY_RESPONSES: dict[int | str, dict[str, Any]] = {
     202: {"model": BackgroundTurnOut, "description": "Started in the background"},
     **problem_responses(
         {
-            409: "A reply is still being generated in this conversation",
+            409: "A reply is still being generated in this conversation, or (a new one) the "
+            "user has CHATBOT_MAX_CONVERSATIONS already",
             413: "The body is larger than the configured limit, or the message (with the system "
             "prompt, summary and tools' definitions) does not fit the model's context",
             429: "Too many requests or replies, a spent daily quota, or a rate-limiting provider",

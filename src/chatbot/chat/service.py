@@ -121,11 +121,12 @@ class ChatService:
             ),
             self._tools,
         )
-        self._session.add(conversation)
         try:
             # Added idle, then claimed as any conversation is: one rule caps running replies
-            # (and the turn rolls back whole when the cap refuses it).
-            await self._session.flush()
+            # (and the turn rolls back whole when a cap refuses it).
+            await conversations.add_within(
+                self._session, conversation, limit=self._settings.max_conversations
+            )
             conversation = await self._reserve(user_id, conversation.id, assistant_id)
             return await self._begin(
                 conversation, body.message, body, assistant_id, started, key, hashed

@@ -2,7 +2,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Index, Integer, String, Text, Uuid
+from sqlalchemy import Index, Integer, String, Text, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatbot.db import Base, JSONVariant, UTCDateTime, new_id, utcnow
@@ -13,6 +13,14 @@ class Conversation(Base):
     __table_args__ = (
         # The list endpoint pages a user's conversations by most recent activity.
         Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),
+        # A user's running replies (the cap, the quota's reservations) are counted from their
+        # few conversations with a reply under way, however many they have.
+        Index(
+            "ix_conversations_user_id_running",
+            "user_id",
+            postgresql_where=text("active_reply_id IS NOT NULL"),
+            sqlite_where=text("active_reply_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)

@@ -5,6 +5,7 @@ from typing import cast
 from sqlalchemy import Select, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot.conversations.errors import TooManyConversations
 from chatbot.conversations.models import Conversation
 from chatbot.db import changed_rows, take_turns, utcnow
 
@@ -40,8 +41,19 @@ async def list_recent(
     return list(await session.scalars(query))
 
 
-def add(session: AsyncSession, conversation: Conversation) -> None:
+async def add_within(session: AsyncSession, conversation: Conversation, *, limit: int) -> None:
+    """Add a conversation unless its user has `limit` already: added, then counted in the same
+    transaction under the user's turn lock (on SQLite the write is the lock), so concurrent
+    creations cannot both pass; the count reads at most `limit` + 1 rows of the user's index,
+    so it costs little below the limit. The caller rolls back what a refusal leaves."""
     session.add(conversation)
+    await session.flush()
+    await take_turns(session, _TURNS_LOCK + conversation.user_id)
+    owned = (
+        select(Conversation.id).where(Conversation.user_id == conversation.user_id).limit(limit + 1)
+    )
+    if (await session.scalar(select(func.count()).select_from(owned.subquery())) or 0) > limit:
+        raise TooManyConversations(f"A user may have at most {limit} conversations")
 
 
 async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uuid.UUID) -> bool:
@@ -82,7 +94,7 @@ async def claim_reply(
             Conversation.id == conversation_id,
             Conversation.user_id == user_id,
             Conversation.active_reply_id.is_(None),
-            _running_replies(user_id).scalar_subquery() < max_running,
+            running_replies_of(user_id).scalar_subquery() < max_running,
         )
         .values(
             active_reply_id=reply_id,
@@ -151,8 +163,9 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
 _others = cast(Table, Conversation.__table__).alias("others")
 
 
-def _running_replies(user_id: str) -> Select[int]:
-    """How many of the user's conversations have a reply under way."""
+def running_replies_of(user_id: str) -> Select[int]:
+    """How many of the user's conversations have a reply under way: the statement the cap
+    counts with, which the partial index answers from those conversations alone."""
     return (
         select(func.count())
         .select_from(_others)

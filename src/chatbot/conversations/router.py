@@ -4,22 +4,30 @@ from chatbot.auth.deps import CurrentUser
 from chatbot.conversations import service
 from chatbot.conversations.deps import OwnedConversation
 from chatbot.conversations.schemas import ConversationCreate, ConversationOut, ConversationUpdate
-from chatbot.deps import ProfilesDep, RepliesDep, SessionDep, ToolsDep
+from chatbot.deps import ProfilesDep, RepliesDep, SessionDep, SettingsDep, ToolsDep
+from chatbot.errors import problem_responses
 from chatbot.pagination import DEFAULT_LIMIT, Cursor, Limit, Page
 from chatbot.replies.items import StopReason
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=problem_responses({409: "The user has CHATBOT_MAX_CONVERSATIONS already"}),
+)
 async def create_conversation(
     body: ConversationCreate,
     user_id: CurrentUser,
     session: SessionDep,
+    settings: SettingsDep,
     profiles: ProfilesDep,
     tools: ToolsDep,
 ) -> ConversationOut:
-    return await service.create(session, user_id, body, profiles, tools)
+    return await service.create(
+        session, user_id, body, profiles, tools, limit=settings.max_conversations
+    )
 
 
 @router.get("")

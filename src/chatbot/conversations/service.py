@@ -19,10 +19,12 @@ async def create(
     body: ConversationCreate,
     profiles: PromptProfiles,
     tools: ToolRegistry,
+    *,
+    limit: int,
 ) -> ConversationOut:
     profiles.check(body.prompt_profile)
     conversation = new_conversation(user_id, body, tools)
-    repository.add(session, conversation)
+    await repository.add_within(session, conversation, limit=limit)
     await session.commit()
     return ConversationOut.of(conversation, tools.toolsets_of(conversation.toolsets))
 

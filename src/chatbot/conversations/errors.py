@@ -1,0 +1,5 @@
+from chatbot.errors import Conflict
+
+
+class TooManyConversations(Conflict):
+    code = "too_many_conversations"
