@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as redis_client
 
 from chatbot.cli import RedactTokens
-from tests.fake_upstream import Reply
-from tests.support import Service, TcpProxy, eventually
+from tests.fake_upstream import FakeUpstream, Reply
+from tests.support import Service, TcpProxy, day_usage, eventually
 
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -462,3 +462,36 @@ async def test_a_user_has_at_most_the_configured_conversations(start_service: An
     assert len(refused) == 9
     assert {response.json()["code"] for response in refused} == {"too_many_conversations"}
     assert others.status_code == 201
+
+
+async def test_the_running_reply_cap_is_exact_under_parallel_turns(
+    start_service: Any, upstream: FakeUpstream
+) -> None:
+    held = asyncio.Event()
+    upstream.default = Reply(gate=held)
+    async with start_service(max_concurrent_replies=4) as service:
+        conversations = [await service.create_conversation() for _ in range(20)]
+        answers = await asyncio.gather(
+            *(service.send(each["id"], "go", background=True) for each in conversations)
+        )
+        held.set()
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [202] * 4 + [429] * 16
+    assert len(upstream.requests) == 4
+
+
+async def test_the_daily_quota_bounds_one_turn_and_concurrent_ones(
+    start_service: Any, upstream: FakeUpstream
+) -> None:
+    quota = 1_000
+    upstream.default = Reply(tokens=["word "] * 5_000)
+    async with start_service(daily_token_quota=quota, max_concurrent_replies=8) as service:
+        alone = await service.create_conversation()
+        assert (await service.send(alone["id"], "talk")).status_code == 201
+        spent_alone = await day_usage(service.state.sessionmaker, "alice")
+        together = [await service.create_conversation("bob") for _ in range(4)]
+        await asyncio.gather(*(service.send(each["id"], "talk", user="bob") for each in together))
+        spent_together = await day_usage(service.state.sessionmaker, "bob")
+    assert 0 < spent_alone <= quota
+    assert 0 < spent_together <= quota
+    assert all(request.body["max_tokens"] < quota for request in upstream.requests)
