@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long a connection may take to send a complete request head, from its opening or its
+    previous response's end; then `chatbot serve` closes it. A running response is never timed."""
+    max_connections: int = Field(default=1000, ge=1)
+    """Open client connections per `chatbot serve` process. At the cap, the connection waiting
+    longest for a request head is closed to let a new one in; with none waiting, new ones are
+    refused. Each takes a file descriptor, and a running reply one more to the model provider."""
     log_level: str = "INFO"
 
     context_tokens: int | None = Field(default=None, ge=256)
@@ -144,6 +151,9 @@ class Settings(BaseSettings):
     prompts_dir: str = "prompts"
     prompt_profile: str | None = None
     summary_words: int = Field(default=250, ge=20)
+    chore_backoff_seconds: float = Field(default=30.0, ge=0)
+    """After a title or summary failed for a conversation, how long until its chores are tried
+    again (doubling with each failure in a row, up to an hour)."""
 
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "CHATBOT_REDIS_URL")
@@ -160,6 +170,8 @@ class Settings(BaseSettings):
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
     max_conversations: int = Field(default=100_000, ge=1)
+    max_streams_per_user: int = Field(default=20, ge=1)
+    """Streams one user may have open in one process; following one more is 429."""
     """Conversations one user may have; one more is 409 too_many_conversations."""
     max_tool_rounds: int = Field(default=5, ge=0, le=50)
     """Rounds of tool calls one reply may run; the call after the last is made with
@@ -188,6 +200,9 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(default=32_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
+    max_reply_chars: int = Field(default=400_000, ge=1)
+    """The longest reply stored (all its rounds' text): past it the call to the model is closed
+    and the reply stored `incomplete` with what fits, `finish_reason: "length"`."""
     history_messages: int = Field(default=50, ge=0)
 
     @field_validator("mcp_user")

@@ -1,11 +1,14 @@
 """Context that fits: token budgets, whole turns, rolling summaries, titles, prompt profiles."""
 
+import asyncio
 import hashlib
 import json
+import logging
 import uuid
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import event, update
 
 from chatbot.context.builder import ContextBuilder, ContextTooLarge
@@ -206,19 +209,28 @@ def message_seq(stored: list[dict[str, Any]], message: dict[str, Any]) -> int:
     return stored.index(message) + 1
 
 
-async def test_a_failed_summary_is_retried_and_never_blocks_a_reply(start_service: Any) -> None:
-    async with start_service(context_tokens=350) as service:
+async def test_a_failed_summary_is_retried_and_never_blocks_a_reply(
+    start_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="chatbot.context.chores")
+    async with start_service(context_tokens=350, chore_backoff_seconds=0.2) as service:
         conversation = await service.create_conversation()
         service.upstream.utility_default = Reply(status=500)
         for index in range(6):
             response = await _turn(service, conversation["id"], _sentence(index))
             assert response.status_code == 201
+            await asyncio.sleep(0.25)  # past the first backoff: each turn tries again
+        # Said once for the streak, not once per turn; tried again with backoff in between.
+        assert caplog.text.count("failed for conversation") == 1
+        tries = len(service.upstream.utility_requests)
+        assert 2 <= tries <= 5  # a title, then fewer summaries than turns
         context_url = f"/v1/conversations/{conversation['id']}/context"
         before = (await service.client.get(context_url, headers=service.auth())).json()
         assert before["summary"] is None
         assert before["omitted_messages"] > 0
 
         service.upstream.utility_default = Reply(tokens=["Recovered", " summary"])
+        await asyncio.sleep(3.5)  # the backoff has grown to 3.2 s by the sixth failure
         await _turn(service, conversation["id"], "one more")
         after = (await service.client.get(context_url, headers=service.auth())).json()
         assert after["summary"]["content"] == "Recovered summary"
@@ -362,3 +374,26 @@ async def test_chores_run_only_when_a_turn_leaves_something_to_do(start_service:
             "summar" in json.dumps(request.body).lower()
             for request in service.upstream.utility_requests[1:]
         )
+
+
+async def test_a_message_larger_than_a_summary_reads_is_summarised_from_what_fits(
+    start_service: Any,
+) -> None:
+    async with start_service(context_tokens=4000) as service:
+        conversation = await service.create_conversation()
+        service.upstream.utility_default = Reply(tokens=["A", " very", " long", " answer."])
+        service.upstream.queue(Reply(tokens=["lorem ipsum " * 100] * 250))  # 300,000 characters
+        await _turn(service, conversation["id"], "write me a book")
+        for index in range(3):
+            await _turn(service, conversation["id"], _sentence(index))
+        context_url = f"/v1/conversations/{conversation['id']}/context"
+        context = (await service.client.get(context_url, headers=service.auth())).json()
+    assert context["summary"]["content"] == "A very long answer."
+    summaries = [
+        request.body["messages"][1]["content"]
+        for request in service.upstream.utility_requests
+        if "Earlier summary" in request.body["messages"][1]["content"]
+    ]
+    assert summaries
+    assert all(len(text) < 60_000 for text in summaries)
+    assert any("characters left out" in text for text in summaries)

@@ -8,6 +8,7 @@ tried again after the next reply: the messages it would have covered stay where 
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ MAX_TITLE_CHARS = 80
 _QUOTES = "\"'`*#\u2018\u2019\u201c\u201d"
 # How much transcript one summarising call reads; more is folded in over several calls.
 SUMMARY_CHUNK_CHARS = 24_000
+MAX_CHORE_BACKOFF_SECONDS = 3600.0
+MAX_FAILING_REMEMBERED = 10_000
 
 
 def fallback_title(first_message: str) -> str:
@@ -56,13 +59,23 @@ def clean_title(text: str) -> str:
 
 
 def _line(message: Message) -> str:
-    """One message as the summary model reads it; a message that called tools names them."""
+    """One message as the summary model reads it; a message that called tools names them. A
+    message longer than one summarising call reads is cut to its opening and its end, so that
+    a huge one is summarised from what fits rather than failing every time."""
     calls = ", ".join(
         f"{call.get('function', {}).get('name')}({call.get('function', {}).get('arguments')})"
         for call in message.tool_calls or []
     )
     text = f"{message.content} [called {calls}]" if calls else message.content
-    return f"{message.role.value}: {text.strip()}"
+    return f"{message.role.value}: {_fitting(text.strip())}"
+
+
+def _fitting(text: str, limit: int = 0) -> str:
+    limit = limit or SUMMARY_CHUNK_CHARS
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} […{len(text) - 2 * half} characters left out…] {text[-half:]}"
 
 
 def transcript(rows: list[Message]) -> str:
@@ -124,12 +137,17 @@ class Chores:
         self._utility = utility
         self._utility_model = settings.utility_model or settings.model
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._failing: dict[uuid.UUID, tuple[int, float]] = {}
+        """Conversations whose chores failed: how many times in a row, and when to try again."""
 
     def after_reply(self, follow_up: FollowUp, reply_tokens: int) -> None:
         """Start what the turn left to do, unless it is nothing or already under way."""
         conversation_id = follow_up.conversation_id
         if conversation_id in self._running:
             return
+        failing = self._failing.get(conversation_id)
+        if failing is not None and time.monotonic() < failing[1]:
+            return  # backing off: it failed a moment ago
         if not follow_up.untitled and not follow_up.needs_summary(reply_tokens):
             return
         task = asyncio.create_task(self.run(conversation_id), name=f"chores-{conversation_id}")
@@ -137,11 +155,38 @@ class Chores:
         task.add_done_callback(lambda _: self._running.pop(conversation_id, None))
 
     async def run(self, conversation_id: uuid.UUID) -> None:
+        failed = False
         for chore in (self.name, self.summarize):
             try:
                 await chore(conversation_id)
-            except Exception:
-                logger.exception("%s failed for conversation %s", chore.__name__, conversation_id)
+            except Exception as exc:
+                failed = True
+                self._failed(conversation_id, chore.__name__, exc)
+        if not failed and self._failing.pop(conversation_id, None) is not None:
+            logger.info("chores for conversation %s succeed again", conversation_id)
+
+    def _failed(self, conversation_id: uuid.UUID, chore: str, exc: Exception) -> None:
+        """Log a chore's failure once for a streak of them, and back off before the next try
+        (CHATBOT_CHORE_BACKOFF_SECONDS, doubling up to an hour): a failing chore must not log
+        and call the utility model after every reply."""
+        streak = self._failing.get(conversation_id, (0, 0.0))[0] + 1
+        first = self._settings.chore_backoff_seconds
+        delay = min(first * 2 ** (streak - 1), max(first, MAX_CHORE_BACKOFF_SECONDS))
+        self._failing[conversation_id] = (streak, time.monotonic() + delay)
+        while len(self._failing) > MAX_FAILING_REMEMBERED:
+            self._failing.pop(next(iter(self._failing)))
+        if streak > 1:
+            logger.debug("%s failed again for conversation %s", chore, conversation_id)
+        elif isinstance(exc, UpstreamError):
+            logger.warning(
+                "%s failed for conversation %s (%s); tried again after %gs, quietly until it "
+                "succeeds", chore, conversation_id, exc.code, delay,
+            )  # fmt: skip
+        else:
+            logger.exception(
+                "%s failed for conversation %s; tried again after %gs, quietly until it "
+                "succeeds", chore, conversation_id, delay,
+            )  # fmt: skip
 
     async def idle(self) -> None:
         """Wait for the chores under way (tests and shutdown)."""
