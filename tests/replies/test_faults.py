@@ -404,7 +404,8 @@ async def test_client_disconnecting_mid_stream(
 async def test_client_that_stops_reading_is_dropped_and_the_reply_goes_on(
     start_service: Any,
 ) -> None:
-    async with start_service(sse_send_timeout=0.5) as service:
+    # A reply of ~13 MB, far past what socket buffers hold (and CHATBOT_MAX_REPLY_CHARS).
+    async with start_service(sse_send_timeout=0.5, max_reply_chars=20_000_000) as service:
         conversation_id = (await service.create_conversation())["id"]
         content = "Flood me, I will not read"
         big = ["lorem ipsum " * 5_461] * 200  # ~13 MB: far more than socket buffers hold

@@ -31,6 +31,7 @@ from tests.support import (
     read_events,
     read_stored,
     seed_running_reply,
+    streamed_text,
 )
 
 TOKENS = ["Never", " gonna", " give", " you", " up"]
@@ -548,3 +549,21 @@ async def test_a_fresh_stream_url_for_an_existing_reply(service: Service) -> Non
         headers=service.auth(),
     )
     assert blank.status_code == 422
+
+
+async def test_a_reply_past_the_longest_stored_is_cut_there_and_incomplete(
+    start_service: Any,
+) -> None:
+    async with start_service(max_reply_chars=50) as service:
+        service.upstream.queue(Reply(tokens=["word "] * 100))
+        conversation = await service.create_conversation()
+        events = await service.stream(conversation["id"], "talk forever")
+        stored = (await service.messages(conversation["id"]))[-1]
+        # The conversation takes the next turn.
+        assert (await service.send(conversation["id"], "enough")).status_code == 201
+    assert stored["status"] == "incomplete"
+    assert stored["finish_reason"] == "length"
+    assert stored["error"]["code"] == "reply_too_long"
+    assert stored["content"] == ("word " * 10)[:50]
+    assert streamed_text(events) == stored["content"]
+    assert events[-1].event == "error"

@@ -13,6 +13,10 @@ class EmptyReply(UpstreamError):
     detail = "The model returned an empty reply"
 
 
+class ReplyTooLong(UpstreamError):
+    code = "reply_too_long"
+
+
 class ReplyTimeout(UpstreamError):
     status = 504
     code = "reply_timeout"

@@ -5,9 +5,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -32,6 +32,7 @@ from chatbot.replies.errors import (
     EmptyReply,
     ReplyFailed,
     ReplyTimeout,
+    ReplyTooLong,
     ServiceStopping,
     TooManyToolRounds,
     UnexpectedToolCalls,
@@ -178,13 +179,21 @@ class ReplyRunner:
         """One call to the model, streamed into the reply. A call that brings nothing at all
         is made once more: nothing of it reached the client."""
         completion: Completion | None = None
+        limit = self._settings.max_reply_chars
         for attempt in range(2):
-            async for event in self._llm.stream(request):
-                if isinstance(event, Completion):
-                    completion = event
-                elif event.text:
-                    turn.first_output()
-                    reply.append(event.text)
+            events = self._llm.stream(request)
+            try:
+                async for event in events:
+                    if isinstance(event, Completion):
+                        completion = event
+                    elif event.text:
+                        turn.first_output()
+                        if reply.length + len(event.text) > limit:
+                            self._cut(reply, event.text, turn, limit)
+                        reply.append(event.text)
+            finally:
+                if isinstance(events, AsyncGenerator):  # closes the call to the model at once
+                    await events.aclose()
             if reply.round_has_output or (completion and completion.tool_calls) or attempt:
                 break
             logger.info("reply %s came back empty; retrying once", reply.message_id)
@@ -199,6 +208,16 @@ class ReplyRunner:
                 request.model,
             )
         return completion
+
+    @staticmethod
+    def _cut(reply: LiveReply, text: str, turn: "_Turn", limit: int) -> NoReturn:
+        """The reply reached CHATBOT_MAX_REPLY_CHARS: keep what fits, end it there."""
+        if (room := limit - reply.length) > 0:
+            reply.append(text[:room])
+        turn.completion = Completion(finish_reason="length", usage=None, model=None)
+        raise ReplyTooLong(
+            f"The reply reached CHATBOT_MAX_REPLY_CHARS ({limit} characters) and was cut there"
+        )
 
     async def _tool_round(
         self,
