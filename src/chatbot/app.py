@@ -28,7 +28,7 @@ from chatbot.llm.openai_client import OpenAIChatClient
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from chatbot.prompts import PromptProfiles, UnknownProfile
-from chatbot.quotas.service import RequestRateLimiter
+from chatbot.quotas.service import OpenStreams, RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.state import AppState, attach
 from chatbot.streams.router import router as streams_router
@@ -142,6 +142,7 @@ def create_app(
                 replies=replies,
                 stream_signer=StreamTokenSigner.from_settings(settings),
                 rate_limiter=rate_limiter,
+                open_streams=OpenStreams(settings.max_streams_per_user),
             ),
         )
         purging = asyncio.create_task(purge_forever(sessionmaker), name="idempotency-purge")

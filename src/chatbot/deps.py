@@ -15,7 +15,7 @@ from chatbot.context.builder import ContextBuilder
 from chatbot.errors import RepeatedParameter
 from chatbot.llm.client import LLMClient
 from chatbot.prompts import PromptProfiles
-from chatbot.quotas.service import RequestRateLimiter
+from chatbot.quotas.service import OpenStreams, RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.state import AppState, state_of
 from chatbot.tools.registry import ToolRegistry
@@ -64,6 +64,10 @@ async def get_rate_limiter(state: StateDep) -> RequestRateLimiter:
     return state.rate_limiter
 
 
+async def get_open_streams(state: StateDep) -> OpenStreams:
+    return state.open_streams
+
+
 async def get_session(
     sessionmaker: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
 ) -> AsyncIterator[AsyncSession]:
@@ -90,3 +94,4 @@ ContextBuilderDep = Annotated[ContextBuilder, Depends(get_context_builder)]
 ToolsDep = Annotated[ToolRegistry, Depends(get_tools)]
 StreamSignerDep = Annotated[StreamTokenSigner, Depends(get_stream_signer)]
 RateLimiterDep = Annotated[RequestRateLimiter, Depends(get_rate_limiter)]
+OpenStreamsDep = Annotated[OpenStreams, Depends(get_open_streams)]

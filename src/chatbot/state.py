@@ -11,7 +11,7 @@ from chatbot.context.builder import ContextBuilder
 from chatbot.context.chores import Chores
 from chatbot.llm.client import LLMClient
 from chatbot.prompts import PromptProfiles
-from chatbot.quotas.service import RequestRateLimiter
+from chatbot.quotas.service import OpenStreams, RequestRateLimiter
 from chatbot.replies.service import Replies
 from chatbot.tools.registry import ToolRegistry
 
@@ -31,6 +31,7 @@ class AppState:
     replies: Replies
     stream_signer: StreamTokenSigner
     rate_limiter: RequestRateLimiter
+    open_streams: OpenStreams
 
 
 def attach(app: Starlette, state: AppState) -> None:

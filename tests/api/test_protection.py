@@ -495,3 +495,32 @@ async def test_the_daily_quota_bounds_one_turn_and_concurrent_ones(
     assert 0 < spent_alone <= quota
     assert 0 < spent_together <= quota
     assert all(request.body["max_tokens"] < quota for request in upstream.requests)
+
+
+async def test_a_user_may_hold_only_so_many_streams_open(
+    start_service: Any, upstream: FakeUpstream
+) -> None:
+    held = asyncio.Event()
+    upstream.queue(Reply(gate=held))
+    async with start_service(max_streams_per_user=3) as service:
+        conversation = await service.create_conversation()
+        started = await service.send(conversation["id"], "go", background=True)
+        url = f"/v1/messages/{started.json()['assistant_message']['id']}/stream"
+        async with contextlib.AsyncExitStack() as streams:
+            for _ in range(3):
+                opened = await streams.enter_async_context(
+                    service.client.stream("GET", url, headers=service.auth())
+                )
+                assert opened.status_code == 200
+            refused = await service.client.get(url, headers=service.auth())
+            assert refused.status_code == 429
+            assert refused.json()["code"] == "too_many_streams"
+            assert refused.headers["retry-after"] == "1"
+
+        # Closed streams free their places, whichever way they ended.
+        async def follows() -> bool:
+            async with service.client.stream("GET", url, headers=service.auth()) as again:
+                return bool(again.status_code == 200)
+
+        assert await eventually(follows)
+        held.set()

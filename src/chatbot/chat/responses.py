@@ -11,18 +11,26 @@ from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.schemas import BackgroundTurnOut
 from chatbot.chat.service import Turn
 from chatbot.config import Settings
-from chatbot.deps import RepliesDep, SettingsDep, StreamSignerDep
+from chatbot.deps import OpenStreamsDep, RepliesDep, SettingsDep, StreamSignerDep
 from chatbot.errors import PROBLEM_JSON
+from chatbot.quotas.service import OpenStreams
 from chatbot.replies.items import StopReason
 from chatbot.replies.service import Replies
 from chatbot.streams.sse import reply_events, start_event, stream_response, stream_url
 
 
 class TurnResponses:
-    def __init__(self, settings: Settings, replies: Replies, signer: StreamTokenSigner) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        replies: Replies,
+        signer: StreamTokenSigner,
+        open_streams: OpenStreams,
+    ) -> None:
         self._settings = settings
         self._replies = replies
         self._signer = signer
+        self._open_streams = open_streams
 
     async def respond(
         self, request: Request, user_id: str, turn: Turn, *, stream: bool, background: bool
@@ -30,7 +38,7 @@ class TurnResponses:
         if background:
             return self.background(user_id, turn)
         if stream or "text/event-stream" in request.headers.get("accept", ""):
-            return self.stream(turn)
+            return self.stream(user_id, turn)
         return await self.json(turn)
 
     def background(self, user_id: str, turn: Turn) -> Response:
@@ -43,7 +51,7 @@ class TurnResponses:
         )
         return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
 
-    def stream(self, turn: Turn) -> Response:
+    def stream(self, user_id: str, turn: Turn) -> Response:
         message_id = turn.assistant_message.id
         start = start_event(
             turn.conversation_id,
@@ -53,11 +61,16 @@ class TurnResponses:
         events = reply_events(message_id, self._replies.follow(message_id), start)
         if self._settings.cancel_on_disconnect and not turn.replayed:
             events = self._cancelled_on_disconnect(turn, events)
-        return stream_response(events, self._settings)
+        # The turn started: its stream opens whatever else the user has open.
+        closed = self._open_streams.open(user_id, refusable=False)
+        return stream_response(events, self._settings, closed)
 
-    def follow(self, message_id: uuid.UUID, offset: int) -> Response:
+    def follow(self, user_id: str, message_id: uuid.UUID, offset: int) -> Response:
+        closed = self._open_streams.open(user_id)
         return stream_response(
-            reply_events(message_id, self._replies.follow(message_id, offset)), self._settings
+            reply_events(message_id, self._replies.follow(message_id, offset)),
+            self._settings,
+            closed,
         )
 
     async def json(self, turn: Turn) -> Response:
@@ -91,6 +104,6 @@ class TurnResponses:
 
 
 async def get_responses(
-    settings: SettingsDep, replies: RepliesDep, signer: StreamSignerDep
+    settings: SettingsDep, replies: RepliesDep, signer: StreamSignerDep, streams: OpenStreamsDep
 ) -> TurnResponses:
-    return TurnResponses(settings, replies, signer)
+    return TurnResponses(settings, replies, signer, streams)

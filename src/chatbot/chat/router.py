@@ -145,7 +145,7 @@ async def send_and_stream(
         )
         if not same_conversation or message.role is not Role.ASSISTANT:
             raise EventIdOfAnotherConversation()
-        return responses.follow(message.id, offset)
+        return responses.follow(user_id, message.id, offset)
     body = SendMessage(content=content, model=model)
     turn = await chat.send(user_id, conversation_id, body, idempotency_key)
-    return responses.stream(turn)
+    return responses.stream(user_id, turn)

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 from limits import RateLimitItem, parse, storage
@@ -35,6 +36,46 @@ class TooManyReplies(TooManyRequests):
 
 class QuotaExceeded(TooManyRequests):
     code = "quota_exceeded"
+
+
+class TooManyStreams(TooManyRequests):
+    code = "too_many_streams"
+
+
+class OpenStreams:
+    """The streams open in this process, per user. Following a reply (or resuming a turn's
+    stream) is refused past CHATBOT_MAX_STREAMS_PER_USER; a turn's own stream always opens,
+    the running-replies cap bounds those, and it counts."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, user_id: str, *, refusable: bool = True) -> Callable[[], None]:
+        """Count a stream; returns what to call, once, when it closes."""
+        count = self._open.get(user_id, 0)
+        if refusable and count >= self._limit:
+            raise TooManyStreams(
+                f"At most {self._limit} streams may be open at once", headers=_retry_after(1)
+            )
+        self._open[user_id] = count + 1
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            left = self._open.get(user_id, 1) - 1
+            if left > 0:
+                self._open[user_id] = left
+            else:
+                self._open.pop(user_id, None)
+
+        return close
+
+    def count(self, user_id: str) -> int:
+        return self._open.get(user_id, 0)
 
 
 def _retry_after(seconds: float) -> dict[str, str]:

@@ -6,6 +6,7 @@ from sse_starlette import EventSourceResponse
 from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
 from chatbot.auth.tokens import TOKEN_PATTERN
 from chatbot.deps import (
+    OpenStreamsDep,
     RateLimiterDep,
     RepliesDep,
     SessionDep,
@@ -55,6 +56,7 @@ async def follow_message(
     limiter: RateLimiterDep,
     replies: RepliesDep,
     signer: StreamSignerDep,
+    open_streams: OpenStreamsDep,
     token: StreamToken = None,
     access_token: AccessTokenQuery = None,
     starting_after: StartingAfter = None,
@@ -80,8 +82,9 @@ async def follow_message(
             MessageOut.of(user_message).model_dump(mode="json") if user_message else {},
             MessageOut.of(message).model_dump(mode="json"),
         )
+    closed = open_streams.open(user_id)
     return stream_response(
-        reply_events(message.id, replies.follow(message.id, offset), start), settings
+        reply_events(message.id, replies.follow(message.id, offset), start), settings, closed
     )
 
 

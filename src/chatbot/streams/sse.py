@@ -4,13 +4,13 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
-from starlette.types import Message, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
@@ -108,6 +108,15 @@ def _ping() -> ServerSentEvent:
 
 
 class _EventSourceResponse(EventSourceResponse):
+    on_close: Callable[[], None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         """The per-send timeout as a native asyncio timeout: anyio's cancel scope costs several
         times as much, and this runs for every delta of every stream."""
@@ -119,16 +128,21 @@ class _EventSourceResponse(EventSourceResponse):
 
 
 def stream_response(
-    events: AsyncIterator[ServerSentEvent | bytes], settings: Settings
+    events: AsyncIterator[ServerSentEvent | bytes],
+    settings: Settings,
+    on_close: Callable[[], None] | None = None,
 ) -> EventSourceResponse:
+    """`on_close` is called once the stream ends, however it ends."""
     # The send timeout drops a client that stopped reading, so it cannot pin memory.
-    return _EventSourceResponse(
+    response = _EventSourceResponse(
         events,
         headers=STREAM_HEADERS,
         ping=settings.sse_ping_seconds,
         ping_message_factory=_ping,
         send_timeout=settings.sse_send_timeout,
     )
+    response.on_close = on_close
+    return response
 
 
 def stream_url(signer: StreamTokenSigner, user_id: str, message_id: uuid.UUID) -> str:
