@@ -25,6 +25,7 @@ from chatbot.errors import API_ERRORS, install_error_handlers
 from chatbot.llm.client import LLMClient
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
+from chatbot.logs import quiet_libraries
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from chatbot.prompts import PromptProfiles, UnknownProfile
@@ -89,6 +90,7 @@ def create_app(
     the built-in task list."""
     settings = settings or Settings()
     settings.check_startup()
+    quiet_libraries()
     try:
         profiles = PromptProfiles.from_directory(settings.prompts_dir, settings.prompt_profile)
     except UnknownProfile as exc:

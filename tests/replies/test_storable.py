@@ -3,6 +3,7 @@ checked, and a field that still cannot be stored costs that field, never the tex
 that cannot be saved never holds another's checkpoints back."""
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,8 +139,9 @@ class _UncleanModel:
 
 
 async def test_a_reply_that_cannot_be_checkpointed_holds_no_other_back(
-    make_settings: Any, upstream: Any
+    make_settings: Any, upstream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     gate = asyncio.Event()
     model = _UncleanModel([["Bad " + LONE, " end"], ["Good so far", ", and done"]], gate)
     settings = make_settings(checkpoint_seconds=0.05)
@@ -171,3 +173,7 @@ async def test_a_reply_that_cannot_be_checkpointed_holds_no_other_back(
             ("completed", "Bad \ufffd end"),
             ("completed", "Good so far, and done"),
         ]
+        # The failed statement was logged by kind, without the replies' text in it.
+        assert "checkpoint of 2 replies failed" in caplog.text
+        assert "Good so far" not in caplog.text
+        assert "Bad " not in caplog.text
