@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from chatbot.config import ConfigError, Settings
+from chatbot.logs import quiet_libraries
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -65,10 +67,7 @@ def configure_logging(settings: Settings) -> None:
         access.addFilter(RedactTokens())
     # Alembic announces each of its plugins at INFO; only the revisions it applies are news.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    # HTTP clients log every request's URL at INFO: an MCP server's URL may carry its key, and
-    # the model provider's requests are not news either. The MCP SDK logs session ids.
-    for noisy in ("httpx", "httpx2", "mcp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
 
 
 def worker_app() -> "FastAPI":
@@ -85,12 +84,20 @@ def _serve(settings: Settings) -> None:
     import uvicorn
 
     from chatbot.app import create_app
+    from chatbot.serving import ConnectionGuard, GuardedHttpProtocol, raise_file_limit
 
+    raise_file_limit(settings.max_connections)
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout_seconds,
+        max_connections=settings.max_connections,
+    )
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
         "timeout_graceful_shutdown": 30,
+        # A partial of a module-level class, so that it pickles to each worker process.
+        "http": functools.partial(GuardedHttpProtocol, guard=guard),
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)

@@ -170,9 +170,9 @@ class Settings(BaseSettings):
     rate_limit: str = "120/minute"
     max_concurrent_replies: int = Field(default=4, ge=1)
     max_conversations: int = Field(default=100_000, ge=1)
+    """Conversations one user may have; one more is 409 too_many_conversations."""
     max_streams_per_user: int = Field(default=20, ge=1)
     """Streams one user may have open in one process; following one more is 429."""
-    """Conversations one user may have; one more is 409 too_many_conversations."""
     max_tool_rounds: int = Field(default=5, ge=0, le=50)
     """Rounds of tool calls one reply may run; the call after the last is made with
     tool_choice=none, so the model answers in words."""
