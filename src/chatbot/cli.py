@@ -5,6 +5,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import secrets
 import sys
 from typing import TYPE_CHECKING, Any
@@ -23,18 +24,21 @@ text. Every other value is redacted, whatever its name (`access_token`, `token`,
 `idempotency_key`, or any name a client makes up)."""
 
 
+_SHOWN_VALUE = re.compile(r"[A-Za-z0-9_.:/@+=-]{0,600}")
+
+
 def redact_query(target: str) -> str:
     """A request target with the values of its query redacted, but for the parameters shown.
-    Names are compared as the application reads them: percent-decoded, `+` as a space, and
-    here also without regard to case, so neither `?access_tok%65n=` nor `?Access_Token=`
-    slips past."""
+    Names are compared as the application reads them, percent-decoded (`+` a space), so
+    `?access_tok%65n=` is redacted like `?access_token=`; a shown name's value is shown only
+    when it holds nothing but the characters such values are made of (no `;`, `?`, space...)."""
     path, question, query = target.partition("?")
     if not question:
         return target
     pairs = []
     for pair in query.split("&"):
         name, equals, value = pair.partition("=")
-        if unquote_plus(name).strip().lower() in SHOWN_QUERY_PARAMETERS:
+        if unquote_plus(name) in SHOWN_QUERY_PARAMETERS and _SHOWN_VALUE.fullmatch(value):
             pairs.append(pair)
         elif equals:
             pairs.append(f"{name}=[redacted]" if value else pair)
@@ -90,6 +94,7 @@ def _serve(settings: Settings) -> None:
     guard = ConnectionGuard(
         header_timeout=settings.header_timeout_seconds,
         max_connections=settings.max_connections,
+        send_timeout=settings.sse_send_timeout,
     )
     options: dict[str, Any] = {
         "host": settings.host,

@@ -23,6 +23,11 @@ connection closed: httptools, unlike h11, sets no bound of its own, so one conne
 otherwise grow the process by hundreds of megabytes in a second. Counted per read, so a head
 may pass it by up to one read (256 KiB)."""
 
+MAX_PIPELINED = 8
+"""Requests a connection may have queued behind the one being answered; past that it is
+dropped. Each queued head is a request object in memory, and a client that writes thousands
+without reading would otherwise hold them all."""
+
 _CAP_WARNING_SECONDS = 10.0
 
 
@@ -31,9 +36,12 @@ class ConnectionGuard:
     the server's configuration): how long one may take to send a request head, how many may
     be open, and those waiting for a head now, longest first."""
 
-    def __init__(self, *, header_timeout: float, max_connections: int) -> None:
+    def __init__(self, *, header_timeout: float, max_connections: int, send_timeout: float) -> None:
         self.header_timeout = header_timeout
+        """Also the longest pause in a request body (as nginx's client_body_timeout)."""
         self.max_connections = max_connections
+        self.send_timeout = send_timeout
+        """The longest a client may leave a response unread (as nginx's send_timeout)."""
         self.waiting: dict[GuardedHttpProtocol, None] = {}
         self._warned_at = -_CAP_WARNING_SECONDS
 
@@ -76,6 +84,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._head_bytes: int | None = None
         """Bytes read of the request head being parsed; None between heads."""
         self._refused = False
@@ -93,6 +103,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._stop_awaiting_head()
+        self._body_timer = _cancelled(self._body_timer)
+        self._write_timer = _cancelled(self._write_timer)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -121,6 +133,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._stop_awaiting_head()
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self.transport.abort()
+            # Raised into the parser, which stops reading this buffer's other heads.
+            raise ConnectionAbortedError("too many pipelined requests")
+        # Until its body has come: a body that stops coming holds a place under the cap.
+        self._body_timer = self._dropped_after(self._body_timer, self.guard.header_timeout)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._body_timer = self._dropped_after(self._body_timer, self.guard.header_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._body_timer = _cancelled(self._body_timer)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # The client stopped reading: uvicorn's send waits for it with no bound.
+        self._write_timer = self._dropped_after(self._write_timer, self.guard.send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_timer = _cancelled(self._write_timer)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -146,7 +181,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         self.guard.waiting.pop(self, None)
-        self.transport.close()
+        self.transport.abort()  # not close(): that would wait for unsent data to drain
+
+    def _dropped_after(
+        self, timer: asyncio.TimerHandle | None, seconds: float
+    ) -> asyncio.TimerHandle:
+        """A (new) deadline, after which the connection is dropped."""
+        _cancelled(timer)
+        return self.loop.call_later(seconds, self.transport.abort)
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """No timer any more: what to keep in its place."""
+    if timer is not None:
+        timer.cancel()
+    return None
 
 
 def raise_file_limit(max_connections: int) -> None:

@@ -270,3 +270,25 @@ async def test_at_the_cap_with_every_connection_serving_new_ones_are_refused_at_
             assert "event: done" in response.text
         await _healthz_within(server, 1)
     assert "refusing new ones, every one is serving a request" in server.log.read_text()
+
+
+async def test_a_stalled_body_or_a_flood_of_pipelined_requests_loses_its_connection(
+    tmp_path: Path,
+) -> None:
+    timeout = 1.0
+    stalled_body = (
+        b"POST /v1/conversations HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    async with (
+        _serve(tmp_path, CHATBOT_HEADER_TIMEOUT_SECONDS=str(timeout)) as server,
+        _holding() as held,
+    ):
+        # A head whole, then a body that stops coming: it holds a place until the timeout.
+        held += [await _connect(server.port, stalled_body) for _ in range(5)]
+        # Thousands of requests written at once, never read: dropped, not queued in memory.
+        flood = await _connect(server.port, REQUEST * 2_000)
+        held.append(flood)
+        await eventually(lambda: all(one.closed_after is not None for one in held), 15)
+        assert all(one.closed_after >= timeout - 0.05 for one in held[:5] if one.closed_after)
+        await _healthz_within(server, 1)
