@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from chatbot.llm.openai_client import redacted, shareable
 from tests.fake_upstream import Reply
 from tests.support import Service, collect_events
 
@@ -224,3 +225,30 @@ async def test_a_provider_message_with_a_key_or_a_host_stays_out_of_the_answer(
     for leak in (secret, "10.1.2.3", "llm-gw.internal.corp"):
         assert leak not in caplog.text
         assert leak not in response.text
+
+
+@pytest.mark.parametrize(
+    ("message", "shared"),
+    [
+        ("model 'gpt-4.1' does not exist", True),
+        ("This model's maximum context length is 8192 tokens.", True),
+        ("llama3.1:8b not found, try pulling it first", True),
+        ("Incorrect API key provided: sk-proj-abc123def456.", False),
+        ("API key=abcdefgh12345678 is not valid", False),
+        ("Authorization: Bearer abcdefgh1234 rejected", False),
+        ("password: hunter2 expired", False),
+        ("upstream at localhost refused", False),
+        ("Connection to my-db failed on port 5432", False),
+        ("see https://docs.example.com/errors", False),
+        ("gateway llm-gw.internal.corp answered 502", False),
+        ("x" * 301, False),
+    ],
+)
+def test_the_rule_for_what_a_provider_says_reaching_clients(message: str, shared: bool) -> None:
+    assert shareable(message) is shared
+
+
+def test_a_huge_provider_message_is_cut_before_it_is_redacted() -> None:
+    logged = redacted("f" * 1_000_000 + "\n" + "0:" * 100_000)
+    assert len(logged) <= 2_000
+    assert "\n" not in logged

@@ -311,19 +311,23 @@ def _rejects_parameter_style(exc: openai.BadRequestError, reasoning: bool) -> bo
 
 _URL_OR_HOST = re.compile(
     r"[a-z][a-z0-9+.-]*://\S*"  # a URL
-    r"|\S*@\S+"  # an address, or credentials in one
+    r"|[^\s@]{0,64}@\S+"  # an address, or credentials in one
     r"|\b\d{1,3}(?:\.\d{1,3}){3}\b"  # an IPv4 address
-    r"|\[?[0-9a-f]*:[0-9a-f]*:[0-9a-f:]*\]?"  # an IPv6 address
+    r"|\b[0-9a-f]{0,4}:[0-9a-f]{0,4}:[0-9a-f:]{0,39}"  # an IPv6 address
     r"|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z][a-z-]*[a-z]\b"  # a host name: api.example.com
-    r"|\b[a-z0-9.-]+:\d{2,5}\b",  # host:port
+    r"|\b[a-z0-9.-]+:\d{2,5}\b"  # host:port
+    r"|\blocalhost\b|\bport \d{2,5}\b",  # a local host, a port named
     re.IGNORECASE,
 )
 _KEY_LIKE = re.compile(
     r"\b(?:sk|pk|rk|key|api|tok|bearer|ghp|xox[a-z])[-_][A-Za-z0-9_\-*.]{3,}"  # sk-..., key-...
+    r"|\b(?:bearer|basic)\s+\S{8,}"  # a credential as a header carries it
+    r"|\b(?:key|token|secret|password|passwd|pwd)\s*[=:]\s*\S+"  # key=..., password: ...
     r"|[A-Za-z0-9_\-*.+/=]{24,}",  # a long run of token characters
     re.IGNORECASE,
 )
 _CODE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_MAX_LOGGED_DETAIL = 2000
 
 
 def shareable(message: str) -> bool:
@@ -341,8 +345,10 @@ def shareable(message: str) -> bool:
 
 
 def redacted(message: str) -> str:
-    """A provider's error message for the log: whatever the rule would object to replaced."""
-    return _KEY_LIKE.sub("[redacted]", _URL_OR_HOST.sub("[redacted]", message))[:2000]
+    """A provider's error message for the log: whatever the rule would object to replaced.
+    Cut first: an error page of megabytes must cost the event loop nothing much."""
+    message = message[:_MAX_LOGGED_DETAIL].replace("\n", " ").replace("\r", " ")
+    return _KEY_LIKE.sub("[redacted]", _URL_OR_HOST.sub("[redacted]", message))
 
 
 def _provider_error(exc: openai.APIStatusError) -> tuple[str | None, str]:
@@ -354,7 +360,7 @@ def _provider_error(exc: openai.APIStatusError) -> tuple[str | None, str]:
     if isinstance(inner, dict):
         for field in ("code", "type"):
             value = inner.get(field)
-            if isinstance(value, str | int) and _CODE.match(str(value)):
+            if isinstance(value, str | int) and _CODE.match(str(value)) and shareable(str(value)):
                 kind = str(value)
                 break
         if isinstance(inner.get("message"), str):
