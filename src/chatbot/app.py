@@ -110,7 +110,12 @@ def create_app(
             statement_timeout=settings.db_statement_timeout,
         )
         if settings.should_auto_migrate:
-            await migrate(engine)
+            # Not under the statement timeout: building an index may take its time.
+            migrating = create_engine(settings.database_url, pool_size=1, max_overflow=0)
+            try:
+                await migrate(migrating)
+            finally:
+                await migrating.dispose()
         sessionmaker = create_sessionmaker(engine)
         rate_limiter = RequestRateLimiter(settings)
         model = llm or build_llm(settings)

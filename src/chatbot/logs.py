@@ -9,6 +9,11 @@ QUIET_LIBRARIES = {
     "aiosqlite": logging.INFO,
     # The options of every request, the conversation's messages among them, at DEBUG.
     "openai": logging.INFO,
+    # Every event of every stream, deltas and all, at DEBUG.
+    "sse_starlette": logging.INFO,
+    # The provider's response headers (cookies, organisation ids) at DEBUG.
+    "httpcore": logging.INFO,
+    "httpcore2": logging.INFO,
     # Every request's URL at INFO: an MCP server's URL may carry its key, and the model
     # provider's requests are not news either. The MCP SDK logs session ids.
     "httpx": logging.WARNING,

@@ -4,8 +4,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -397,3 +398,21 @@ async def test_a_message_larger_than_a_summary_reads_is_summarised_from_what_fit
     assert summaries
     assert all(len(text) < 60_000 for text in summaries)
     assert any("characters left out" in text for text in summaries)
+
+
+def test_a_long_streak_of_failing_chores_backs_off_at_most_an_hour() -> None:
+    from chatbot.config import Settings
+    from chatbot.context.chores import Chores
+
+    settings = Settings(_env_file=None, chore_backoff_seconds=0)
+    chores = Chores(settings, cast(Any, None), cast(Any, None), None)
+    conversation_id = uuid.uuid4()
+    for _ in range(3_000):  # 2 ** 3000 would overflow a float
+        chores._failed(conversation_id, "summarize", RuntimeError("boom"))
+    streak, _ = chores._failing[conversation_id]
+    assert streak == 3_000
+    settings = Settings(_env_file=None, chore_backoff_seconds=30)
+    chores = Chores(settings, cast(Any, None), cast(Any, None), None)
+    for _ in range(3_000):
+        chores._failed(conversation_id, "summarize", RuntimeError("boom"))
+    assert chores._failing[conversation_id][1] - time.monotonic() <= 3600

@@ -160,8 +160,9 @@ class Chores:
             try:
                 await chore(conversation_id)
             except Exception as exc:
+                if not failed:  # one failure a run, whichever chores failed in it
+                    self._failed(conversation_id, chore.__name__, exc)
                 failed = True
-                self._failed(conversation_id, chore.__name__, exc)
         if not failed and self._failing.pop(conversation_id, None) is not None:
             logger.info("chores for conversation %s succeed again", conversation_id)
 
@@ -169,10 +170,11 @@ class Chores:
         """Log a chore's failure once for a streak of them, and back off before the next try
         (CHATBOT_CHORE_BACKOFF_SECONDS, doubling up to an hour): a failing chore must not log
         and call the utility model after every reply."""
-        streak = self._failing.get(conversation_id, (0, 0.0))[0] + 1
+        streak, _ = self._failing.pop(conversation_id, (0, 0.0))
+        streak += 1
         first = self._settings.chore_backoff_seconds
-        delay = min(first * 2 ** (streak - 1), max(first, MAX_CHORE_BACKOFF_SECONDS))
-        self._failing[conversation_id] = (streak, time.monotonic() + delay)
+        delay = min(first * 2.0 ** min(streak - 1, 20), max(first, MAX_CHORE_BACKOFF_SECONDS))
+        self._failing[conversation_id] = (streak, time.monotonic() + delay)  # now the newest
         while len(self._failing) > MAX_FAILING_REMEMBERED:
             self._failing.pop(next(iter(self._failing)))
         if streak > 1:

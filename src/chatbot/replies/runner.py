@@ -189,7 +189,7 @@ class ReplyRunner:
                     elif event.text:
                         turn.first_output()
                         if reply.length + len(event.text) > limit:
-                            self._cut(reply, event.text, turn, limit)
+                            self._cut(reply, event.text, turn, request.model)
                         reply.append(event.text)
             finally:
                 if isinstance(events, AsyncGenerator):  # closes the call to the model at once
@@ -209,12 +209,14 @@ class ReplyRunner:
             )
         return completion
 
-    @staticmethod
-    def _cut(reply: LiveReply, text: str, turn: "_Turn", limit: int) -> NoReturn:
+    def _cut(self, reply: LiveReply, text: str, turn: "_Turn", model: str) -> NoReturn:
         """The reply reached CHATBOT_MAX_REPLY_CHARS: keep what fits, end it there."""
+        limit = self._settings.max_reply_chars
         if (room := limit - reply.length) > 0:
             reply.append(text[:room])
         turn.completion = Completion(finish_reason="length", usage=None, model=None)
+        # The provider's usage never came: the prompt and this round's text, as counted here.
+        turn.unrecorded_tokens = turn.prompt_tokens + self._counter.count_text(reply.content, model)
         raise ReplyTooLong(
             f"The reply reached CHATBOT_MAX_REPLY_CHARS ({limit} characters) and was cut there"
         )
