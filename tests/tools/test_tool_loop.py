@@ -677,3 +677,28 @@ async def test_a_conversation_that_names_no_toolsets_follows_the_default(
             assert patched.json()["toolsets"] == (toolsets or [])
             await service.stream(conversation["id"], "hi")
             assert ("tools" in model_requests(service)[-1]) is offered
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        [("c1", "add_task", '{"title": "' + "x" * 300_000 + '"}')],
+        [(f"c{index}", "list_tasks", "{}") for index in range(65)],
+        [("c1", "n" * 300, "{}")],
+    ],
+    ids=["300k characters of arguments", "65 calls", "a 300-character name"],
+)
+async def test_tool_calls_past_their_bounds_fail_the_reply_and_run_nothing(
+    start_service: Any, calls: list[tuple[str, str, str]]
+) -> None:
+    async with start_service() as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.queue(Reply(tokens=[], tool_calls=calls, fragment_size=10_000))
+        response = await service.send(conversation["id"], "do a lot")
+        assert response.status_code == 502
+        assert response.json()["code"] == "upstream_error"
+        stored = await service.messages(conversation["id"])
+        assert [m["role"] for m in stored] == ["user", "assistant"]
+        assert stored[-1]["status"] == "failed"
+        service.upstream.queue(Reply(tokens=["Fine."]))
+        assert (await service.send(conversation["id"], "then less")).status_code == 201

@@ -186,13 +186,22 @@ class OpenAIChatClient:
         await self._http.aclose()
 
 
+MAX_TOOL_CALLS = 64
+"""Tool calls one response may make; more is an invalid response."""
+MAX_TOOL_NAME_CHARS = 256
+MAX_TOOL_ARGUMENTS_CHARS = 256_000
+"""Characters of arguments, all of one response's calls together: they are held in memory,
+stored and streamed whole, so a model that never stops writing them is cut off."""
+
+
 class _ToolCalls:
     """Streamed tool calls: the first fragment of each names it (its `index`, `id` and function
     name), the next ones add to its arguments. Providers that send a call whole, or leave out
-    `index`, fit the same rules."""
+    `index`, fit the same rules. Their number and size are bounded (ValueError past them)."""
 
     def __init__(self) -> None:
         self._calls: dict[int, dict[str, Any]] = {}
+        self._argument_chars = 0
 
     def add(self, fragments: object) -> None:
         if not isinstance(fragments, list):
@@ -205,16 +214,24 @@ class _ToolCalls:
                 # No index: a new call when it brings an id, else more of the last one.
                 last = max(self._calls, default=-1)
                 index = last + 1 if fragment.get("id") or last < 0 else last
+            if index not in self._calls and len(self._calls) >= MAX_TOOL_CALLS:
+                raise ValueError(f"more than {MAX_TOOL_CALLS} tool calls")
             call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": []})
             function = fragment.get("function") or {}
             if not isinstance(function, dict):
                 raise TypeError("a tool call's function is not an object")
             if fragment.get("id"):
-                call["id"] = _text(fragment["id"])
+                call["id"] = _text(fragment["id"])[:MAX_TOOL_NAME_CHARS]
             if function.get("name"):
                 call["name"] += _text(function["name"])
+                if len(call["name"]) > MAX_TOOL_NAME_CHARS:
+                    raise ValueError("a tool call's name is too long")
             if function.get("arguments"):
-                call["arguments"].append(_text(function["arguments"]))
+                arguments = _text(function["arguments"])
+                self._argument_chars += len(arguments)
+                if self._argument_chars > MAX_TOOL_ARGUMENTS_CHARS:
+                    raise ValueError(f"tool call arguments past {MAX_TOOL_ARGUMENTS_CHARS} chars")
+                call["arguments"].append(arguments)
 
     def assembled(self) -> tuple[ToolCall, ...]:
         calls = []
