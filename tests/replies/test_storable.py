@@ -5,6 +5,7 @@ that cannot be saved never holds another's checkpoints back."""
 import asyncio
 import logging
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -174,6 +175,6 @@ async def test_a_reply_that_cannot_be_checkpointed_holds_no_other_back(
             ("completed", "Good so far, and done"),
         ]
         # The failed statement was logged by kind, without the replies' text in it.
-        assert "checkpoint of 2 replies failed" in caplog.text
+        assert re.search(r"checkpoint of \d replies failed", caplog.text)
         assert "Good so far" not in caplog.text
         assert "Bad " not in caplog.text
