@@ -2,7 +2,7 @@ import uuid
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Select, Table, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.errors import TooManyConversations
@@ -48,7 +48,7 @@ async def add_within(session: AsyncSession, conversation: Conversation, *, limit
     so it costs little below the limit. The caller rolls back what a refusal leaves."""
     session.add(conversation)
     await session.flush()
-    await take_turns(session, _TURNS_LOCK + conversation.user_id)
+    await _take_user_turns(session, conversation.user_id)
     owned = (
         select(Conversation.id).where(Conversation.user_id == conversation.user_id).limit(limit + 1)
     )
@@ -66,6 +66,11 @@ async def delete_owned(session: AsyncSession, user_id: str, conversation_id: uui
 
 
 _TURNS_LOCK = "chatbot:turns:"
+
+
+async def _take_user_turns(session: AsyncSession, user_id: str) -> None:
+    """The user's turn lock, until the transaction ends (see `claim_reply`)."""
+    await take_turns(session, _TURNS_LOCK + user_id)
 
 
 async def claim_reply(
@@ -86,7 +91,7 @@ async def claim_reply(
     across any number of instances; the lock lasts until the turn's transaction commits, a
     few milliseconds, and only the same user's turns wait for it.
     """
-    await take_turns(session, _TURNS_LOCK + user_id)
+    await _take_user_turns(session, user_id)
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
         update(Conversation)
@@ -130,7 +135,7 @@ async def hold_reply(
     """Take the user's turn lock for a running reply's next call (as `claim_reply` does for
     its first), dropping the reply's reservation: a write, which on SQLite is the lock. False
     when the reply no longer holds the conversation."""
-    await take_turns(session, _TURNS_LOCK + user_id)
+    await _take_user_turns(session, user_id)
     result = await session.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
@@ -163,13 +168,22 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
 _others = cast(Table, Conversation.__table__).alias("others")
 
 
+def _running(user_id: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The user's conversations with a reply under way: what the partial index holds."""
+    return _others.c.user_id == user_id, _others.c.active_reply_id.is_not(None)
+
+
 def running_replies_of(user_id: str) -> Select[int]:
     """How many of the user's conversations have a reply under way: the statement the cap
     counts with, which the partial index answers from those conversations alone."""
-    return (
-        select(func.count())
-        .select_from(_others)
-        .where(_others.c.user_id == user_id, _others.c.active_reply_id.is_not(None))
+    return select(func.count()).select_from(_others).where(*_running(user_id))
+
+
+def reserved_by_others(user_id: str, conversation_id: uuid.UUID) -> Select[int]:
+    """The tokens the user's other running replies hold against the daily quota, read from
+    the same few conversations."""
+    return select(func.coalesce(func.sum(_others.c.reserved_tokens), 0)).where(
+        *_running(user_id), _others.c.id != conversation_id
     )
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.config import Settings
+from chatbot.conversations import repository as conversations
 from chatbot.conversations.models import Conversation
 from chatbot.errors import TooManyRequests
 from chatbot.quotas.models import DailyUsage
@@ -183,13 +184,7 @@ async def admit_call(
                     .scalar_subquery(),
                     0,
                 ),
-                select(func.coalesce(func.sum(Conversation.reserved_tokens), 0))
-                .where(
-                    Conversation.user_id == user_id,
-                    Conversation.active_reply_id.is_not(None),
-                    Conversation.id != conversation_id,
-                )
-                .scalar_subquery(),
+                conversations.reserved_by_others(user_id, conversation_id).scalar_subquery(),
             )
         )
     ).one()
