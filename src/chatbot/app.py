@@ -128,6 +128,7 @@ def create_app(
             sessionmaker,
             builder,
             utility=None if settings.uses_demo_model and llm is None else model,
+            tools=tools,
         )
         replies = Replies(settings, sessionmaker, model, counter, after_reply=chores.after_reply)
         await replies.open()

@@ -176,8 +176,10 @@ class Settings(BaseSettings):
     max_tool_rounds: int = Field(default=5, ge=0, le=50)
     """Rounds of tool calls one reply may run; the call after the last is made with
     tool_choice=none, so the model answers in words."""
-    default_toolsets: list[str] = Field(default_factory=lambda: ["tasks"])
-    """The toolsets a new conversation may use unless it names its own."""
+    default_toolsets: list[str] | None = None
+    """The toolsets a conversation may use unless it names its own. Unset: none with a real
+    model (tool definitions cost every call hundreds of tokens, and a model that cannot use
+    them may claim it did), the task list with the offline demo model, which shows it off."""
     toolset_imports: list[str] = Field(default_factory=list)
     """Toolsets written in Python, as `package.module:NAME` of a `Toolset` (JSON list)."""
     mcp_servers: dict[str, McpServer] = Field(default_factory=dict)
@@ -214,8 +216,8 @@ class Settings(BaseSettings):
 
     @field_validator("default_toolsets", "mcp_servers")
     @classmethod
-    def _toolset_names(cls, value: list[str] | dict[str, McpServer]) -> object:
-        for name in value:
+    def _toolset_names(cls, value: list[str] | dict[str, McpServer] | None) -> object:
+        for name in value or ():
             check_toolset_name(name)
         return value
 
@@ -259,6 +261,13 @@ class Settings(BaseSettings):
     @property
     def uses_demo_model(self) -> bool:
         return self.openai_api_key is None and self.openai_base_url is None
+
+    @property
+    def toolsets_by_default(self) -> list[str]:
+        """CHATBOT_DEFAULT_TOOLSETS, or when unset what suits the model: see its field."""
+        if self.default_toolsets is not None:
+            return self.default_toolsets
+        return ["tasks"] if self.uses_demo_model else []
 
     def check_startup(self) -> None:
         """Refuse configurations that would be unsafe to serve."""

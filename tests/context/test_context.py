@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import event, update
 
 from chatbot.context.builder import ContextBuilder, ContextTooLarge
+from chatbot.context.chores import TITLE_MAX_TOKENS, clean_title, fallback_title
 from chatbot.context.tokens import (
     FALLBACK_ENCODING,
     REPLY_PRIMING_TOKENS,
@@ -269,7 +270,53 @@ async def test_without_the_utility_model_the_first_message_is_the_title(service:
     title = (
         await service.client.get(f"/v1/conversations/{conversation['id']}", headers=service.auth())
     ).json()["title"]
-    assert title == "Could you please explain how photosynthesis works in desert…"
+    assert title == "Could you please explain how photosynthesis…"
+
+
+async def test_titles_are_six_words_and_chores_are_bounded(service: Service) -> None:
+    # A small model that answers the user instead of naming the conversation, at length.
+    service.upstream.utility_default = Reply(
+        tokens=[
+            "\"Santos de Lis! I'm glad you found me.",
+            " In Lisbon, the capital",
+            "...\n",
+            "More",
+        ]
+    )
+    conversation = await service.create_conversation()
+    await _turn(service, conversation["id"], "I am Santos de Lis, from Lisbon")
+    url = f"/v1/conversations/{conversation['id']}"
+    title = (await service.client.get(url, headers=service.auth())).json()["title"]
+    assert title == "Santos de Lis! I'm glad you"
+    (title_request,) = service.upstream.utility_requests
+    assert title_request.body["max_tokens"] == TITLE_MAX_TOKENS
+    assert clean_title("Title: **Trip to Lisbon.**") == "Trip to Lisbon"
+    assert clean_title("A\nB") == "A"
+    assert fallback_title("x" * 300) == "x" * 80 + "…"
+
+
+async def test_a_summary_is_planned_with_the_tools_the_turns_offer(start_service: Any) -> None:
+    # The task list's definitions take most of this budget: counted without them, nothing
+    # would ever seem to fall out of the context, and no summary would be written.
+    async with start_service(context_tokens=1200) as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        service.upstream.utility_default = Reply(tokens=["The", " user", " counted", " words."])
+        for index in range(10):
+            service.upstream.queue(Reply(tokens=[f"Answer {index}", " noted."]))
+            response = await _turn(service, conversation["id"], _sentence(index))
+            assert response.status_code == 201, response.text
+            assert "tools" in service.upstream.requests[-1].body
+        url = f"/v1/conversations/{conversation['id']}/context"
+        context = (await service.client.get(url, headers=service.auth())).json()
+        assert context["summary"]["content"] == "The user counted words."
+        assert context["total_tokens"] <= context["budget"]
+        summaries = [
+            request.body
+            for request in service.upstream.utility_requests
+            if "Earlier summary" in request.body["messages"][1]["content"]
+        ]
+        assert summaries
+        assert all(body["max_tokens"] == 250 * 2 + 64 for body in summaries)
 
 
 async def test_prompt_profiles_choose_the_system_prompt(service: Service) -> None:
@@ -405,14 +452,14 @@ def test_a_long_streak_of_failing_chores_backs_off_at_most_an_hour() -> None:
     from chatbot.context.chores import Chores
 
     settings = Settings(_env_file=None, chore_backoff_seconds=0)
-    chores = Chores(settings, cast(Any, None), cast(Any, None), None)
+    chores = Chores(settings, cast(Any, None), cast(Any, None), None, cast(Any, None))
     conversation_id = uuid.uuid4()
     for _ in range(3_000):  # 2 ** 3000 would overflow a float
         chores._failed(conversation_id, "summarize", RuntimeError("boom"))
     streak, _ = chores._failing[conversation_id]
     assert streak == 3_000
     settings = Settings(_env_file=None, chore_backoff_seconds=30)
-    chores = Chores(settings, cast(Any, None), cast(Any, None), None)
+    chores = Chores(settings, cast(Any, None), cast(Any, None), None, cast(Any, None))
     for _ in range(3_000):
         chores._failed(conversation_id, "summarize", RuntimeError("boom"))
     assert chores._failing[conversation_id][1] - time.monotonic() <= 3600

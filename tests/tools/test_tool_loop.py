@@ -679,6 +679,24 @@ async def test_a_conversation_that_names_no_toolsets_follows_the_default(
             assert ("tools" in model_requests(service)[-1]) is offered
 
 
+async def test_unset_default_toolsets_offer_a_real_model_no_tools(
+    start_service: Any, make_settings: Any
+) -> None:
+    # Each definition costs every call its tokens; a model is offered tools when asked.
+    async with start_service(default_toolsets=None) as service:
+        conversation = await service.create_conversation()
+        assert conversation["toolsets"] == []
+        await service.stream(conversation["id"], "hi")
+        assert "tools" not in model_requests(service)[-1]
+        chosen = await service.create_conversation(toolsets=["tasks"])
+        await service.stream(chosen["id"], "hi")
+        assert "add_task" in json.dumps(model_requests(service)[-1]["tools"])
+    # The offline demo model keeps its task list, which is what it demonstrates.
+    demo = make_settings(openai_api_key=None, openai_base_url=None, default_toolsets=None)
+    assert demo.toolsets_by_default == ["tasks"]
+    assert make_settings(default_toolsets=None).toolsets_by_default == []
+
+
 @pytest.mark.parametrize(
     "calls",
     [

@@ -21,15 +21,24 @@ from chatbot.conversations.models import Conversation
 from chatbot.db import changed_rows, utcnow
 from chatbot.errors import UpstreamError
 from chatbot.llm.client import ChatMessage, CompletionRequest, LLMClient, TextDelta
+from chatbot.llm.openai_client import is_reasoning_model
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, Role
+from chatbot.tools.registry import ToolRegistry
 
 logger = logging.getLogger(__name__)
 
 TITLE_INSTRUCTIONS = (
-    "Name this conversation in at most six words. Reply with the title only: "
-    "no quotes, no trailing punctuation."
+    "You name conversations. Given the start of one, reply with a title of at most six "
+    "words that says what it is about. Reply with the title only: no quotes, no trailing "
+    "punctuation, never an answer to the user."
 )
+TITLE_REQUEST = "Name this conversation in at most six words:\n\n{transcript}"
+TITLE_WORDS = 6
+TITLE_MAX_TOKENS = 32
+"""Six words and some slack; a model that goes on is cut off, and its title cut to six words."""
+REASONING_ALLOWANCE = 2048
+"""Reasoning models count their thinking against the bound too: without room they say nothing."""
 SUMMARY_INSTRUCTIONS = (
     "You keep a running summary of a conversation between a user and an assistant. Merge the "
     "earlier summary (if any) and the new messages into one summary of at most {words} words "
@@ -44,18 +53,27 @@ MAX_CHORE_BACKOFF_SECONDS = 3600.0
 MAX_FAILING_REMEMBERED = 10_000
 
 
+def _first_words(text: str, ellipsis: str = "") -> str:
+    """At most TITLE_WORDS words and MAX_TITLE_CHARS characters of `text`, cut at a word."""
+    words = text.split()
+    title = " ".join(words[:TITLE_WORDS])
+    if len(title) > MAX_TITLE_CHARS:
+        title = title[:MAX_TITLE_CHARS].rsplit(" ", 1)[0] or title[:MAX_TITLE_CHARS]
+    return title + ellipsis if title != " ".join(words) else title
+
+
 def fallback_title(first_message: str) -> str:
-    """The first message, cut at a word boundary: the title when no model can name it."""
-    words = " ".join(first_message.split())
-    if len(words) <= 60:
-        return words
-    return words[:60].rsplit(" ", 1)[0] + "…"
+    """The first message's opening words: the title when no model can name it."""
+    return _first_words(first_message, "…")
 
 
 def clean_title(text: str) -> str:
-    title = " ".join(text.split()).strip().strip(_QUOTES).strip()
-    title = title.removeprefix("Title:").strip().rstrip(".")
-    return title[:MAX_TITLE_CHARS]
+    """What a model sent as a title, made one: the first line, unquoted, six words at most."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    title = " ".join(lines[0].split()) if lines else ""
+    title = title.strip().strip(_QUOTES).strip()
+    title = title.removeprefix("Title:").strip().strip(_QUOTES).strip()
+    return _first_words(title).rstrip(".,;:!?- \u2013\u2014").strip(_QUOTES).strip()
 
 
 def _line(message: Message) -> str:
@@ -130,10 +148,12 @@ class Chores:
         sessionmaker: async_sessionmaker[AsyncSession],
         context: ContextBuilder,
         utility: LLMClient | None,
+        tools: ToolRegistry,
     ) -> None:
         self._settings = settings
         self._sessionmaker = sessionmaker
         self._context = context
+        self._tools = tools
         self._utility = utility
         self._utility_model = settings.utility_model or settings.model
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
@@ -200,11 +220,15 @@ class Chores:
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
-    async def _complete(self, instructions: str, text: str) -> str:
+    async def _complete(self, instructions: str, text: str, max_tokens: int) -> str:
+        """One call to the utility model, bounded: a chore's answer has a known size."""
         assert self._utility is not None
+        if is_reasoning_model(self._utility_model):
+            max_tokens += REASONING_ALLOWANCE
         request = CompletionRequest(
             model=self._utility_model,
             messages=[ChatMessage("system", instructions), ChatMessage("user", text)],
+            max_output_tokens=max_tokens,
         )
         parts = [
             event.text
@@ -227,10 +251,12 @@ class Chores:
         reply = next((m.content for m in first if m.role is Role.ASSISTANT and m.content), "")
         if self._utility is not None and reply:
             try:
+                opening = f"User: {user.content[:2000]}\n\nAssistant: {reply[:2000]}"
                 title = clean_title(
                     await self._complete(
                         TITLE_INSTRUCTIONS,
-                        f"User: {user.content[:2000]}\n\nAssistant: {reply[:2000]}",
+                        TITLE_REQUEST.format(transcript=opening),
+                        TITLE_MAX_TOKENS,
                     )
                 )
             except UpstreamError as exc:
@@ -251,12 +277,15 @@ class Chores:
                 if conversation is None:
                     return
                 model = conversation.model or self._settings.model
+                # Planned as the next turn will be: with the definitions of the tools it offers.
+                tools = self._tools.offered(conversation.toolsets, conversation.user_id)
                 plan = await self._context.plan(
                     session,
                     conversation,
                     before_seq=conversation.message_count + 1,
                     new_content=None,
                     model=model,
+                    tools=[tool.to_openai() for tool in tools.values()],
                 )
                 window_start = plan.window_start_seq or conversation.message_count + 1
                 evicted = await messages.between(
@@ -293,7 +322,10 @@ class Chores:
         if self._utility is None:
             return extractive_summary(previous, rows, words)
         text = f"Earlier summary:\n{previous or '(none)'}\n\nNew messages:\n{transcript(rows)}"
-        summary = await self._complete(SUMMARY_INSTRUCTIONS.format(words=words), text)
+        # Words run one to two tokens in most languages; the slack lets a summary end.
+        summary = await self._complete(
+            SUMMARY_INSTRUCTIONS.format(words=words), text, words * 2 + 64
+        )
         if not summary:
             raise EmptySummary()
         return summary

@@ -48,7 +48,7 @@ class ToolRegistry:
             name: set(server.users) for name, server in settings.mcp_servers.items() if server.users
         }
         self._sources: dict[str, McpToolSource] = {}
-        self._default = list(settings.default_toolsets)
+        self._default = list(settings.toolsets_by_default)
         self._max_rounds = settings.max_tool_rounds
         if unknown := sorted(set(self._default) - set(self.names)):
             raise ConfigError(f"CHATBOT_DEFAULT_TOOLSETS: unknown toolset {', '.join(unknown)}")
