@@ -116,7 +116,10 @@ async def database_url(
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path}/chatbot.db"
     if postgres_url is None:
-        pytest.skip("TEST_DATABASE_URL is not set")
+        pytest.skip(
+            "the PostgreSQL run of this test: TEST_DATABASE_URL is not set "
+            "(e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test; .ci/run sets it)"
+        )
     connection = await asyncpg.connect(_asyncpg_dsn(postgres_url))
     try:
         await connection.execute(

@@ -1,4 +1,4 @@
-"""`chatbot serve | migrate | mcp | token USER`."""
+"""`chatbot serve [--host H] [--port P] [--workers N] | migrate | mcp | token USER | --version`."""
 
 import argparse
 import asyncio
@@ -10,6 +10,8 @@ import secrets
 import sys
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
+
+from pydantic import ValidationError
 
 from chatbot.config import ConfigError, Settings
 from chatbot.logs import quiet_libraries
@@ -157,10 +159,54 @@ def _worker_count(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("a port number from 0 to 65535")
+    return int(text)
+
+
+def _host(text: str) -> str:
+    if (
+        not text
+        or len(text) > 253
+        or any(char.isspace() or not char.isprintable() for char in text)
+    ):
+        raise argparse.ArgumentTypeError("a host name or address")
+    return text
+
+
+SERVE_OPTIONS = {"host": "CHATBOT_HOST", "port": "CHATBOT_PORT", "workers": "CHATBOT_WORKERS"}
+"""`chatbot serve` options and the settings they stand for."""
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """Which settings are wrong and why, never their values (one may be a secret)."""
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in exc.errors(include_input=False, include_url=False)
+    ]
+    return "invalid settings (CHATBOT_<NAME>, or as documented): " + "; ".join(problems)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("chatbot")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the HTTP service")
+    serve.add_argument(
+        "--host", type=_host, help="address to listen on (default: CHATBOT_HOST, else 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=_port, help="port (default: CHATBOT_PORT, else 8000)")
     serve.add_argument(
         "--workers",
         type=_worker_count,
@@ -180,9 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     args = parser.parse_args(argv)
 
-    settings = Settings()
-    if getattr(args, "workers", None) is not None:
-        settings = Settings(workers=args.workers)
+    for option, variable in SERVE_OPTIONS.items():
+        # The command line wins over the environment; set there, every worker process sees it.
+        if (value := getattr(args, option, None)) is not None:
+            os.environ[variable] = str(value)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        sys.exit(f"chatbot: {invalid_settings(exc)}")
     configure_logging(settings)
     try:
         if args.command == "serve":

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import httpx
@@ -136,6 +137,43 @@ def test_cli_migrates_and_refuses_an_unsafe_start(tmp_path: Any) -> None:
     assert "loopback" in unsafe.stderr
 
 
+def test_cli_names_its_version_and_refuses_bad_options(tmp_path: Any) -> None:
+    shown = _cli("--version", env={})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"chatbot {version('chatbot')}"
+    url = f"sqlite:///{tmp_path}/cli.db"
+    for option in (["--port", "70000"], ["--port", "-1"], ["--port", "x"], ["--workers", "0"]):
+        refused = _cli("serve", *option, env={"DATABASE_URL": url})
+        assert refused.returncode == 2, option
+        assert "Traceback" not in refused.stderr
+    # --host reaches the start-up check, which still refuses to serve open without auth.
+    unsafe = _cli("serve", "--host", "0.0.0.0", env={"DATABASE_URL": url})
+    assert unsafe.returncode != 0
+    assert "loopback" in unsafe.stderr
+    # A bad setting is named, its value never shown: it may be a secret.
+    invalid = _cli("migrate", env={"DATABASE_URL": url, "CHATBOT_PORT": "sk-not-a-port"})
+    assert invalid.returncode == 1
+    assert "port: Input should be a valid integer" in invalid.stderr
+    assert "sk-not-a-port" not in invalid.stderr
+    assert "Traceback" not in invalid.stderr
+
+
+async def test_serve_listens_where_the_command_line_says(tmp_path: Any) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatbot", "serve", "--host", "127.0.0.1", "--port", str(port),
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": f"sqlite:///{tmp_path}/port.db",
+             "CHATBOT_PORT": "1"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await eventually(lambda: _answers(client), 30)
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 30)
+
+
 async def test_shutdown_stores_a_running_reply_as_incomplete(start_service: Any) -> None:
     async with start_service(shutdown_grace_seconds=0.2) as service:
         conversation = await service.create_conversation()
@@ -188,11 +226,12 @@ async def _two_workers(
         "DATABASE_URL": f"sqlite:///{tmp_path}/workers.db",
         "OPENAI_BASE_URL": upstream.base_url,
         "OPENAI_API_KEY": "sk-test",
-        "CHATBOT_PORT": str(port),
+        # The command line wins: every worker must see the port it names.
+        "CHATBOT_PORT": "1",
         **env,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatbot", "serve", "--workers", "2",
+        sys.executable, "-m", "chatbot", "serve", "--workers", "2", "--port", str(port),
         env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     workers = _Workers(f"http://127.0.0.1:{port}")
