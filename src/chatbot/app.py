@@ -38,6 +38,7 @@ from chatbot.tools.base import Toolset
 from chatbot.tools.mcp_client import start_sources
 from chatbot.tools.registry import ToolRegistry
 from chatbot.validation import SETTING_MARK
+from chatbot.web.docs import docs_router
 from chatbot.web.router import router as web_router
 
 logger = logging.getLogger(__name__)
@@ -168,8 +169,9 @@ def create_app(
             await engine.dispose()
 
     app = FastAPI(
-        docs_url="/docs" if settings.docs else None,
-        redoc_url="/redoc" if settings.docs else None,
+        # /docs and /redoc are routes of web/docs.py: FastAPI's own load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
         title="chatbot",
         version=__version__,
@@ -214,4 +216,6 @@ def create_app(
             router, responses=API_ERRORS, dependencies=[Depends(reject_repeated_query)]
         )
     app.include_router(web_router)
+    if app.openapi_url is not None:
+        app.include_router(docs_router(title=app.title, openapi_url=app.openapi_url))
     return app
