@@ -2,7 +2,10 @@
 
 Written on raw asyncio streams so it can misbehave the way real networks do: stall before
 or between tokens, drop the connection mid-reply, send garbage. Tests queue `Reply` scripts;
-with none queued it answers with `default`. Run it alone for manual checks:
+with none queued it answers with `default`. It can also pass for a local model server
+(`like_llama_cpp`, `like_vllm`, `like_ollama`, `like_lmstudio`): the routes that tell its
+context window, its answer to a prompt longer than that window, to tools it takes none of, and
+streams without usage. Run it alone for manual checks:
 
     python tests/fake_upstream.py --port 9100 --tokens-per-second 20
 """
@@ -16,6 +19,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from chatbot.context.tokens import REPLY_PRIMING_TOKENS, TokenCounter
 
 
 @dataclass
@@ -53,7 +58,125 @@ class ReceivedRequest:
     """The client's end of the connection: requests that share it came over one connection."""
 
 
+@dataclass
+class Route:
+    """What a route other than chat completions answers: JSON `body`, or `raw` bytes as they
+    are, after `delay` seconds."""
+
+    status: int = 200
+    body: Any = None
+    raw: bytes | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class Refusal:
+    """A server's answer to a request it will not take."""
+
+    status: int
+    body: dict[str, Any]
+
+
+OverflowAnswer = Callable[[int, int], Refusal]
+"""The answer to a prompt of n tokens (second) longer than the window (first)."""
+
 UTILITY_MODEL = "utility-model"
+_COUNTER = TokenCounter()
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """A request's prompt as the service counts it: each message framed, tool calls and tool
+    definitions as JSON, and the reply's priming. The fake counts as the service does, so that
+    a prompt planned to fit does."""
+    model = str(body.get("model") or "")
+    total = REPLY_PRIMING_TOKENS
+    for message in body.get("messages") or []:
+        total += _COUNTER.count_message(str(message.get("content") or ""), model)
+        if message.get("tool_calls"):
+            total += _COUNTER.count_text(json.dumps(message["tool_calls"]), model)
+    if body.get("tools"):
+        total += _COUNTER.count_text(json.dumps(body["tools"]), model)
+    return total
+
+
+def llama_cpp_overflow(window: int, tokens: int) -> Refusal:
+    return Refusal(
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": f"request ({tokens} tokens) exceeds the available context size "
+                f"({window} tokens), try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": tokens,
+                "n_ctx": window,
+            }
+        },
+    )
+
+
+def vllm_overflow(window: int, tokens: int) -> Refusal:
+    return Refusal(
+        400,
+        {
+            "object": "error",
+            "message": f"This model's maximum context length is {window} tokens. However, you "
+            f"requested {tokens} tokens ({tokens} in the messages, 0 in the completion). "
+            "Please reduce the length of the messages or completion.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    )
+
+
+def lmstudio_overflow(window: int, tokens: int) -> Refusal:
+    return Refusal(
+        400,
+        {
+            "error": f"Trying to keep the first {tokens} tokens when context the overflows. "
+            f"However, the model is loaded with context length of only {window} tokens, "
+            "which is not enough. Try to load the model with a larger context length, or "
+            "provide a shorter input"
+        },
+    )
+
+
+LLAMA_CPP_NO_JINJA = Refusal(
+    500,
+    {
+        "error": {
+            "code": 500,
+            "message": "tools param requires --jinja flag",
+            "type": "server_error",
+        }
+    },
+)
+VLLM_NO_TOOL_PARSER = Refusal(
+    400,
+    {
+        "object": "error",
+        "message": '"auto" tool choice requires --enable-auto-tool-choice and '
+        "--tool-call-parser to be set",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+)
+
+
+def ollama_no_tools(model: str) -> Refusal:
+    return Refusal(
+        400,
+        {
+            "error": {
+                "message": f"registry.ollama.ai/library/{model} does not support tools",
+                "type": "api_error",
+                "param": None,
+                "code": None,
+            }
+        },
+    )
 
 
 class FakeUpstream:
@@ -69,6 +192,21 @@ class FakeUpstream:
         self.open_connections = 0
         self.disconnects = 0
         """Streams the client closed while this server was still holding the reply."""
+        self.routes: dict[tuple[str, str], Route] = {}
+        """Answers to (method, path) other than chat completions; others are 404."""
+        self.probes: list[ReceivedRequest] = []
+        """Requests to those other routes, whatever they were answered."""
+        self.context_window: int | None = None
+        """Prompts (as `prompt_tokens` counts them) longer than this get `overflow`'s answer."""
+        self.overflow: OverflowAnswer = vllm_overflow
+        self.count_factor = 1.0
+        """How many of its tokens the server counts for one of the service's."""
+        self.rejected: list[ReceivedRequest] = []
+        """Chat requests refused for their length or their tools (also in `requests`)."""
+        self.tools_refusal: Refusal | None = None
+        """The answer to any chat request that carries tools, if this server takes none."""
+        self.stream_usage = True
+        """False: streams carry no usage chunk, whatever the request asks (llama.cpp)."""
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -79,6 +217,90 @@ class FakeUpstream:
 
     def queue(self, *replies: Reply) -> None:
         self.script.extend(replies)
+
+    # --- passing for a local server -----------------------------------------------------------
+
+    def like_llama_cpp(
+        self, n_ctx: int = 2048, *, props_n_ctx: int | None = None, jinja: bool = True
+    ) -> None:
+        """llama.cpp's server: `/props` names the slot's context (`props_n_ctx` if it should
+        say otherwise), a longer prompt is its 400, no usage in streams; without `--jinja` it
+        refuses tools with a 500."""
+        self.routes[("GET", "/props")] = Route(
+            body={
+                "default_generation_settings": {"n_ctx": props_n_ctx or n_ctx, "n_predict": -1},
+                "total_slots": 1,
+                "model_path": "/models/model.gguf",
+                "chat_template": "{{ messages }}",
+            }
+        )
+        self.routes[("GET", "/v1/models")] = Route(
+            body={"object": "list", "data": [{"id": "model.gguf", "meta": {"n_ctx_train": 131072}}]}
+        )
+        self.context_window, self.overflow = n_ctx, llama_cpp_overflow
+        self.stream_usage = False
+        self.tools_refusal = None if jinja else LLAMA_CPP_NO_JINJA
+
+    def like_vllm(
+        self, model: str, max_model_len: int, *, enforced: int | None = None, tools: bool = True
+    ) -> None:
+        """vLLM: `/v1/models` names `max_model_len`; a longer prompt (longer than `enforced`,
+        if the listing should lie) is its 400; without a tool parser it refuses tools."""
+        self.routes[("GET", "/v1/models")] = Route(
+            body={
+                "object": "list",
+                "data": [{"id": model, "object": "model", "max_model_len": max_model_len}],
+            }
+        )
+        self.context_window, self.overflow = enforced or max_model_len, vllm_overflow
+        self.tools_refusal = None if tools else VLLM_NO_TOOL_PARSER
+
+    def like_ollama(
+        self,
+        model: str,
+        context_length: int = 131072,
+        *,
+        num_ctx: int | None = None,
+        tools: bool = True,
+    ) -> None:
+        """Ollama: `/api/show` names the model's length and its Modelfile's parameters; the
+        OpenAI endpoint runs `num_ctx` (4,096 unset), and cuts a longer prompt silently; a
+        model without tool support refuses tools."""
+        parameters = 'stop "<|eot_id|>"'
+        if num_ctx is not None:
+            parameters += f"\nnum_ctx {num_ctx}"
+        self.routes[("POST", "/api/show")] = Route(
+            body={
+                "modelfile": "FROM llama3.2",
+                "parameters": parameters,
+                "template": "{{ .Prompt }}",
+                "details": {"family": "llama", "parameter_size": "3.2B"},
+                "model_info": {
+                    "general.architecture": "llama",
+                    "llama.context_length": context_length,
+                },
+            }
+        )
+        self.routes[("GET", "/v1/models")] = Route(
+            body={"object": "list", "data": [{"id": model, "object": "model"}]}
+        )
+        self.context_window = None
+        self.tools_refusal = None if tools else ollama_no_tools(model)
+
+    def like_lmstudio(
+        self, model: str, max_context_length: int, *, loaded: int | None = None
+    ) -> None:
+        self.routes[("GET", "/api/v0/models")] = Route(
+            body={
+                "object": "list",
+                "data": [
+                    {"id": model, "object": "model", "type": "llm", "state": "loaded"}
+                    | {"max_context_length": max_context_length}
+                    | ({"loaded_context_length": loaded} if loaded else {})
+                ],
+            }
+        )
+        self.context_window, self.overflow = loaded or max_context_length, lmstudio_overflow
 
     async def start(self, port: int = 0) -> "FakeUpstream":
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
@@ -122,11 +344,19 @@ class FakeUpstream:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
         body = json.loads(raw) if raw else {}
         received = ReceivedRequest(path, headers, body, writer.get_extra_info("peername")[1])
+        method = request_line.split(" ", 1)[0]
+        if not path.split("?", 1)[0].endswith("/chat/completions"):
+            await self._answer_route(writer, method, path.split("?", 1)[0], received)
+            return True
         if body.get("model") == UTILITY_MODEL:
             self.utility_requests.append(received)
             reply = self.utility_script.popleft() if self.utility_script else self.utility_default
         else:
             self.requests.append(received)
+            if (refusal := self._refusal(body)) is not None:
+                self.rejected.append(received)
+                await _send_json(writer, refusal.status, refusal.body, Reply())
+                return True
             reply = self.script.popleft() if self.script else self.default
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(limit, int) and len(reply.tokens) > limit:  # as providers cut a reply
@@ -140,8 +370,40 @@ class FakeUpstream:
             await _send_json(writer, 200, _completion(reply), reply)
             return True
         return await self._stream(
-            reader, writer, reply, include_usage=bool(body.get("stream_options"))
+            reader,
+            writer,
+            reply,
+            include_usage=bool(body.get("stream_options")) and self.stream_usage,
         )
+
+    def _refusal(self, body: dict[str, Any]) -> Refusal | None:
+        if self.tools_refusal is not None and body.get("tools"):
+            return self.tools_refusal
+        if self.context_window is not None:
+            tokens = int(prompt_tokens(body) * self.count_factor)
+            tokens += int(body.get("max_tokens") or 0)
+            if tokens > self.context_window:
+                return self.overflow(self.context_window, tokens)
+        return None
+
+    async def _answer_route(
+        self, writer: asyncio.StreamWriter, method: str, path: str, received: ReceivedRequest
+    ) -> None:
+        self.probes.append(received)
+        route = self.routes.get((method, path))
+        if route is None:
+            route = Route(404, {"error": {"message": "Not Found", "type": "not_found_error"}})
+        if route.delay:
+            await asyncio.sleep(route.delay)
+        if route.raw is None:
+            await _send_json(writer, route.status, route.body, Reply())
+            return
+        writer.write(
+            f"HTTP/1.1 {route.status} X\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(route.raw)}\r\n\r\n".encode()
+            + route.raw
+        )
+        await writer.drain()
 
     async def _stream(
         self,
@@ -201,9 +463,7 @@ def _usage(reply: Reply) -> dict[str, Any]:
     }
 
 
-async def _send_json(
-    writer: asyncio.StreamWriter, status: int, payload: dict[str, Any], reply: Reply
-) -> None:
+async def _send_json(writer: asyncio.StreamWriter, status: int, payload: Any, reply: Reply) -> None:
     data = json.dumps(payload).encode()
     headers = "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
     writer.write(

@@ -25,6 +25,7 @@ from chatbot.errors import API_ERRORS, install_error_handlers
 from chatbot.llm.client import LLMClient
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import OpenAIChatClient
+from chatbot.llm.windows import ContextWindows
 from chatbot.logs import quiet_libraries
 from chatbot.messages.router import router as messages_router
 from chatbot.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -57,6 +58,14 @@ def build_llm(settings: Settings) -> LLMClient:
         settings.model,
     )
     return OpenAIChatClient(settings)
+
+
+def context_windows(settings: Settings, model: LLMClient) -> ContextWindows:
+    """Where prompts learn their model's window: the client's, which asks its server; the
+    demo's own; for another client, the setting or the table."""
+    if isinstance(model, OpenAIChatClient):
+        return model.windows
+    return ContextWindows(settings, demo=isinstance(model, DemoChatClient))
 
 
 def _document_settings(app: FastAPI, constraints: dict[str, dict[str, Any]]) -> None:
@@ -120,10 +129,13 @@ def create_app(
         sessionmaker = create_sessionmaker(engine)
         rate_limiter = RequestRateLimiter(settings)
         model = llm or build_llm(settings)
+        windows = context_windows(settings, model)
         counter = TokenCounter()
-        # Load the default model's vocabulary now, not on the first request.
+        # Load the default model's vocabulary now, not on the first request; and ask its
+        # server for its context window, without holding up the start.
         await asyncio.to_thread(counter.encoder_for, settings.model)
-        builder = ContextBuilder(settings, counter, profiles)
+        probing = asyncio.create_task(windows.get(settings.model), name="context-window")
+        builder = ContextBuilder(settings, counter, profiles, windows)
         chores = Chores(
             settings,
             sessionmaker,
@@ -164,6 +176,8 @@ def create_app(
             await asyncio.gather(*(source.aclose() for source in mcp_sources))
             purging.cancel()
             await asyncio.gather(purging, return_exceptions=True)
+            await windows.aclose()
+            await asyncio.gather(probing, return_exceptions=True)
             await model.aclose()
             await rate_limiter.aclose()
             await engine.dispose()

@@ -32,18 +32,25 @@ def clean_label(text: str, max_chars: int) -> str | None:
     return clean_text(text)[:max_chars] or None
 
 
-def clean_count(value: object) -> int | None:
-    """A token count as a provider sent it: a whole non-negative number, clamped to what a
-    column holds; None for anything else (text, booleans, fractions, NaN, negatives)."""
+def whole_number(value: object) -> int | None:
+    """A JSON number that is a whole number (2048 or 2048.0), else None (text, booleans,
+    fractions, NaN, infinities)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
             return None
-        value = int(value)
-    if not isinstance(value, int) or value < 0:
+        return int(value)
+    return value if isinstance(value, int) else None
+
+
+def clean_count(value: object) -> int | None:
+    """A token count as a provider sent it: a whole non-negative number, clamped to what a
+    column holds; None for anything else (text, booleans, fractions, NaN, negatives)."""
+    number = whole_number(value)
+    if number is None or number < 0:
         return None
-    return min(value, MAX_COUNT)
+    return min(number, MAX_COUNT)
 
 
 def _no_constant(name: str) -> Any:

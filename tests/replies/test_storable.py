@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from chatbot.app import create_app
+from chatbot.context.tokens import TokenCounter
 from chatbot.llm.client import Completion, CompletionRequest, StreamEvent, TextDelta
 from chatbot.messages.models import MessageStatus
 from chatbot.sanitize import MAX_COUNT
@@ -103,7 +104,7 @@ async def test_a_lone_surrogate_costs_one_character_while_another_reply_keeps_ch
     ],
 )
 async def test_usage_numbers_of_any_size_or_shape_keep_the_text(
-    service: Service, numbers: dict[str, Any], usage: dict[str, int] | None
+    service: Service, numbers: dict[str, Any], usage: dict[str, Any] | None
 ) -> None:
     conversation = await service.create_conversation()
     service.upstream.queue(Reply(tokens=["All", " of", " it"], usage_numbers=numbers))
@@ -111,6 +112,14 @@ async def test_usage_numbers_of_any_size_or_shape_keep_the_text(
     assert response.status_code == 201, response.text
     reply = response.json()["assistant_message"]
     assert (reply["status"], reply["content"]) == ("completed", "All of it")
+    if usage is None:
+        # Numbers that are no counts are no usage: the service's own count stands in.
+        completion = TokenCounter().count_text("All of it", "gpt-4o-mini")
+        prompt = reply["prompt_token_count"]
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+        usage |= {"total_tokens": prompt + completion, "estimated": True}
+    else:
+        usage = {**usage, "estimated": False}
     assert reply["usage"] == usage
     assert (await service.messages(conversation["id"]))[-1] == reply
 
@@ -126,6 +135,9 @@ class _UncleanModel:
 
     def model_label(self, requested: str) -> str:
         return requested
+
+    def takes_tools(self, model: str) -> bool:
+        return True
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
         script = self._scripts.pop(0) if self._scripts else ["A title"]  # then chores ask

@@ -81,7 +81,12 @@ async def test_stored_reply_equals_the_streamed_deltas(service: Service) -> None
     assert stored["status"] == "completed"
     assert stored["finish_reason"] == "stop"
     assert stored["model"] == "fake-model"
-    assert stored["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    assert stored["usage"] == {
+        "prompt_tokens": 11,
+        "completion_tokens": 5,
+        "total_tokens": 16,
+        "estimated": False,
+    }
     assert 0 <= stored["ttft_ms"] <= stored["latency_ms"]
     # Five tokens 10 ms apart cannot arrive in less than 40 ms.
     assert stored["latency_ms"] >= 40

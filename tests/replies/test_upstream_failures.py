@@ -5,9 +5,12 @@ from typing import Any
 
 import pytest
 
+from chatbot.context.tokens import TokenCounter
 from chatbot.llm.openai_client import redacted, shareable
 from tests.fake_upstream import Reply
-from tests.support import Service, collect_events
+from tests.support import Service, collect_events, day_usage
+
+COUNTER = TokenCounter()
 
 QUESTION = "Are you there?"
 
@@ -148,6 +151,32 @@ async def test_connection_dropped_mid_reply_keeps_the_partial_reply(service: Ser
         content="Half a",
         code="upstream_disconnected",
     )
+
+
+async def test_a_call_cut_off_mid_reply_is_charged_its_prompt_and_text_as_counted(
+    start_service: Any,
+) -> None:
+    # Providers bill a stream that produced text before it broke: so does the user's day.
+    async with start_service(daily_token_quota=100_000) as service:
+        conversation = await service.create_conversation()
+        service.upstream.queue(Reply(tokens=["Half", " a", " reply"], drop_after=2))
+        response = await service.send(conversation["id"], QUESTION)
+        assert response.status_code == 502
+        reply = response.json()["assistant_message"]
+        assert (reply["status"], reply["content"]) == ("incomplete", "Half a")
+        usage = reply["usage"]
+        assert usage == {
+            "prompt_tokens": reply["prompt_token_count"],
+            "completion_tokens": COUNTER.count_text("Half a", "gpt-4o-mini"),
+            "total_tokens": reply["prompt_token_count"] + usage["completion_tokens"],
+            "estimated": True,
+        }
+        assert await day_usage(service.state.sessionmaker, "alice") == usage["total_tokens"]
+        # A call refused before any text is not charged at all.
+        service.upstream.queue(Reply(status=503))
+        refused = await service.send(conversation["id"], QUESTION)
+        assert refused.json()["assistant_message"]["usage"] is None
+        assert await day_usage(service.state.sessionmaker, "alice") == usage["total_tokens"]
 
 
 async def test_garbage_from_the_upstream_is_a_clean_error(service: Service) -> None:

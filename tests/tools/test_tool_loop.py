@@ -158,7 +158,12 @@ async def test_streamed_tool_calls_run_and_the_answer_streams_after_them(
         reply = stored[-1]
         assert reply["content"] == "Added both tasks."
         assert reply["status"] == "completed"
-        assert reply["usage"] == {"prompt_tokens": 22, "completion_tokens": 6, "total_tokens": 28}
+        assert reply["usage"] == {
+            "prompt_tokens": 22,
+            "completion_tokens": 6,
+            "total_tokens": 28,
+            "estimated": False,
+        }
         assert events[-1].data["assistant_message"]["id"] == reply["id"]
         assert [call["id"] for call in events[-1].data["tool_calls"]] == ["call_a", "call_b"]
         # Each round's tokens counted once in the user's day: 14 for the calls, 14 for the answer.

@@ -75,6 +75,7 @@ class ChatService:
         hashed = idempotency.request_hash(str(target_id), body)
         if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
+        await self._learn_window(body.model)
         try:
             assistant_id = uuid.uuid4()
             conversation = await self._reserve(user_id, target_id, assistant_id)
@@ -108,6 +109,7 @@ class ChatService:
         hashed = idempotency.request_hash("new", body)
         if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
+        await self._learn_window(body.model)
         assistant_id = uuid.uuid4()
         conversation = new_conversation(
             user_id,
@@ -135,6 +137,12 @@ class ChatService:
             if key and (turn := await self._replay_after_race(user_id, key, hashed)):
                 return turn
             raise
+
+    async def _learn_window(self, model: str | None) -> None:
+        """Ask the model's server for its window, if it was never asked, before the turn takes
+        its locks: the turn then plans from what is known (a conversation's own model, rarer,
+        is asked on its first turn, once)."""
+        await self._context.window(model or self._settings.model)
 
     def _check_limits(self, content: str, options: TurnOptions, *, field: str) -> None:
         if len(content) > self._settings.max_message_chars:
@@ -203,7 +211,11 @@ class ChatService:
     ) -> Turn:
         user_seq = conversation.message_count - 1
         model = options.model or conversation.model or self._settings.model
-        tools = self._tools.offered(conversation.toolsets, conversation.user_id)
+        tools = self._tools.offered(
+            conversation.toolsets,
+            conversation.user_id,
+            model_takes_tools=self._llm.takes_tools(model),
+        )
         tool_specs = [tool.to_openai() for tool in tools.values()]
         # Raises 413 before anything is stored or sent when the message cannot fit.
         context = await self._context.plan(

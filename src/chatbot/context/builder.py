@@ -17,27 +17,12 @@ from chatbot.context.tokens import REPLY_PRIMING_TOKENS, TokenCounter
 from chatbot.conversations.models import Conversation
 from chatbot.errors import AppError
 from chatbot.llm.client import ChatMessage
+from chatbot.llm.windows import ContextWindows, Window
 from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.prompts import PromptProfiles
 
 SUMMARY_PREFIX = "Summary of the earlier part of this conversation:\n"
-DEFAULT_CONTEXT_WINDOW = 8_192
-# Context windows of well-known families, longest prefix first; others get the default.
-_CONTEXT_WINDOWS = (
-    ("gpt-4.1", 1_047_576),
-    ("gpt-5", 400_000),
-    ("gpt-4o", 128_000),
-    ("gpt-4-turbo", 128_000),
-    ("gpt-4", 8_192),
-    ("gpt-3.5-turbo", 16_385),
-    ("o1-mini", 128_000),
-    ("o1", 200_000),
-    ("o3", 200_000),
-    ("o4", 200_000),
-    ("gemini", 1_048_576),
-    ("claude", 200_000),
-)
 _PAGE = 64
 
 
@@ -46,12 +31,15 @@ class ContextTooLarge(AppError):
     code = "context_too_large"
 
 
-def context_window(model: str) -> int:
-    name = model.rsplit("/", 1)[-1].lower()
-    for prefix, window in _CONTEXT_WINDOWS:
-        if name.startswith(prefix):
-            return window
-    return DEFAULT_CONTEXT_WINDOW
+def context_budget(window: Window, max_output_tokens: int | None, settings: Settings) -> int:
+    """CHATBOT_CONTEXT_TOKENS, or the window less the reply's room and a margin: the reply's
+    room is `max_output_tokens`, else CHATBOT_REPLY_RESERVE_TOKENS but at most half the window
+    (a small local model would have no room left for the prompt)."""
+    if window.source == "setting":
+        return window.tokens
+    reply = max_output_tokens or min(settings.reply_reserve_tokens, window.tokens // 2)
+    margin = max(64, window.tokens // 50)
+    return max(256, window.tokens - reply - margin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +56,8 @@ class ContextPlan:
     history: list[Message]
     history_tokens: list[int]
     new_message_tokens: int
+    window: Window
+    """The model's context window the budget was drawn from, and where it was learned."""
     messages: list[ChatMessage] = field(repr=False)
     tool_tokens: int = 0
     """The definitions of the tools the model is offered."""
@@ -132,20 +122,26 @@ def _paired(history: list[Message]) -> list[ChatMessage]:
 
 
 class ContextBuilder:
-    def __init__(self, settings: Settings, counter: TokenCounter, profiles: PromptProfiles) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        counter: TokenCounter,
+        profiles: PromptProfiles,
+        windows: ContextWindows | None = None,
+    ) -> None:
         self._settings = settings
         self._counter = counter
         self._profiles = profiles
+        # Without the model client's (which asks the server), the setting or the table.
+        self._windows = windows or ContextWindows(settings)
         self._tool_token_counts: dict[tuple[str, str], int] = {}
 
-    def budget(self, model: str, max_output_tokens: int | None) -> int:
+    async def window(self, model: str) -> Window:
+        return await self._windows.get(model)
+
+    async def budget(self, model: str, max_output_tokens: int | None) -> int:
         """CHATBOT_CONTEXT_TOKENS, or the model's window less the reply's room and a margin."""
-        if self._settings.context_tokens is not None:
-            return self._settings.context_tokens
-        window = context_window(model)
-        reply = max_output_tokens or self._settings.reply_reserve_tokens
-        margin = max(64, window // 50)
-        return max(256, window - reply - margin)
+        return context_budget(await self.window(model), max_output_tokens, self._settings)
 
     def system_prompt(self, conversation: Conversation) -> tuple[str, str]:
         """The system prompt and where it comes from: the conversation, a profile, the default."""
@@ -191,7 +187,8 @@ class ContextBuilder:
         tools: list[dict[str, Any]] | None = None,
     ) -> ContextPlan:
         """The context of a turn whose user message sits at `before_seq`."""
-        budget = self.budget(model, max_output_tokens)
+        window = await self.window(model)
+        budget = context_budget(window, max_output_tokens, self._settings)
         # The definitions of the tools offered travel with every call.
         tool_tokens = self._tool_tokens(tools, model) if tools else 0
         system_prompt, system_source = self.system_prompt(conversation)
@@ -205,7 +202,7 @@ class ContextBuilder:
         if fixed > budget:
             raise ContextTooLarge(
                 f"The message needs {fixed} tokens with the system prompt, summary and tools; "
-                f"the context budget of {model} is {budget}"
+                f"the context budget of {model} is {budget} ({_described(window)})"
             )
         history, history_tokens = await self._whole_turns(
             session, conversation, before_seq, model, budget - fixed
@@ -231,6 +228,7 @@ class ContextBuilder:
             new_message_tokens=new_tokens,
             messages=chat_messages,
             tool_tokens=tool_tokens,
+            window=window,
         )
 
     async def _whole_turns(
@@ -273,6 +271,66 @@ class ContextBuilder:
                 break
             cursor = page[-1].seq
         return _split(selected)
+
+
+def _described(window: Window) -> str:
+    if window.source == "setting":
+        return "CHATBOT_CONTEXT_TOKENS"
+    return f"of a {window.tokens}-token window, {window.source}"
+
+
+def fit_messages(
+    messages: list[ChatMessage],
+    *,
+    budget: int,
+    tool_tokens: int,
+    counter: TokenCounter,
+    model: str,
+) -> tuple[list[ChatMessage], int]:
+    """A prompt already built, cut to a smaller budget (a server named a smaller window than
+    it was planned for), and its size as the budget counts it. The leading system messages
+    and the turn under way (from the newest user message on, tool rounds and all) stay whole;
+    older turns go, oldest first, whole: a turn starts at a user message, so a call and its
+    results go together. ContextTooLarge when even what must stay does not fit."""
+
+    def cost(message: ChatMessage) -> int:
+        tokens = counter.count_message(message.content, model)
+        if message.tool_calls:
+            tokens += counter.count_text(json.dumps(message.tool_calls), model)
+        return tokens
+
+    head = 0
+    while head < len(messages) and messages[head].role == "system":
+        head += 1
+    current = max(
+        (index for index in range(head, len(messages)) if messages[index].role == "user"),
+        default=head,
+    )
+    fixed = (
+        tool_tokens
+        + sum(cost(message) for message in messages[:head])
+        + sum(cost(message) for message in messages[current:])
+        + REPLY_PRIMING_TOKENS
+    )
+    if fixed > budget:
+        raise ContextTooLarge(
+            f"The message needs {fixed} tokens with the system prompt, summary and tools; "
+            f"the context budget of {model} is {budget}"
+        )
+    turns: list[list[ChatMessage]] = []
+    for message in messages[head:current]:
+        if message.role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    kept: list[ChatMessage] = []
+    room = budget - fixed
+    for turn in reversed(turns):
+        turn_cost = sum(cost(message) for message in turn)
+        if turn_cost > room:
+            break
+        kept[:0] = turn
+        room -= turn_cost
+    return [*messages[:head], *kept, *messages[current:]], budget - room
 
 
 def _split(selected: list[tuple[Message, int]]) -> tuple[list[Message], list[int]]:

@@ -47,8 +47,16 @@ SUMMARY_INSTRUCTIONS = (
 )
 MAX_TITLE_CHARS = 80
 _QUOTES = "\"'`*#\u2018\u2019\u201c\u201d"
-# How much transcript one summarising call reads; more is folded in over several calls.
+# The most of one message a transcript keeps: its opening and its end.
 SUMMARY_CHUNK_CHARS = 24_000
+SUMMARY_CHUNK_TOKENS = 6_000
+"""At most this much transcript per call, whatever the window: more is folded in over several."""
+MIN_TRANSCRIPT_TOKENS = 256
+"""A call reads at least this much, whatever the window leaves: a window too small for it fails
+the summary (tried again later), never a turn."""
+MIN_LINE_CHARS = 64
+CHARS_PER_TOKEN = 2
+"""Where one message is cut to fit a transcript: a token is rarely fewer characters than two."""
 MAX_CHORE_BACKOFF_SECONDS = 3600.0
 MAX_FAILING_REMEMBERED = 10_000
 
@@ -76,7 +84,7 @@ def clean_title(text: str) -> str:
     return _first_words(title).rstrip(".,;:!?- \u2013\u2014").strip(_QUOTES).strip()
 
 
-def _line(message: Message) -> str:
+def _line(message: Message, limit: int = 0) -> str:
     """One message as the summary model reads it; a message that called tools names them. A
     message longer than one summarising call reads is cut to its opening and its end, so that
     a huge one is summarised from what fits rather than failing every time."""
@@ -85,7 +93,7 @@ def _line(message: Message) -> str:
         for call in message.tool_calls or []
     )
     text = f"{message.content} [called {calls}]" if calls else message.content
-    return f"{message.role.value}: {_fitting(text.strip())}"
+    return f"{message.role.value}: {_fitting(text.strip(), limit)}"
 
 
 def _fitting(text: str, limit: int = 0) -> str:
@@ -94,10 +102,6 @@ def _fitting(text: str, limit: int = 0) -> str:
         return text
     half = limit // 2
     return f"{text[:half]} […{len(text) - 2 * half} characters left out…] {text[-half:]}"
-
-
-def transcript(rows: list[Message]) -> str:
-    return "\n".join(_line(message) for message in rows)
 
 
 def extractive_summary(previous: str | None, rows: list[Message], words: int) -> str:
@@ -278,7 +282,11 @@ class Chores:
                     return
                 model = conversation.model or self._settings.model
                 # Planned as the next turn will be: with the definitions of the tools it offers.
-                tools = self._tools.offered(conversation.toolsets, conversation.user_id)
+                tools = self._tools.offered(
+                    conversation.toolsets,
+                    conversation.user_id,
+                    model_takes_tools=self._utility is None or self._utility.takes_tools(model),
+                )
                 plan = await self._context.plan(
                     session,
                     conversation,
@@ -294,11 +302,14 @@ class Chores:
                     after_seq=conversation.summary_upto_seq,
                     before_seq=window_start,
                 )
-            evicted = _first_chunk([m for m in evicted if m.role is not Role.SYSTEM])
+            evicted = [m for m in evicted if m.role is not Role.SYSTEM]
             if not evicted:
                 return
             previous, covered_until = conversation.summary, conversation.summary_upto_seq
-            summary = await self._summary_of(previous, evicted)
+            room = await self._transcript_room(previous)
+            lines = self._first_chunk(evicted, room)
+            evicted = evicted[: len(lines)]
+            summary = await self._summary_of(previous, evicted, lines)
             async with self._sessionmaker() as session:
                 stored = await session.execute(
                     update(Conversation)
@@ -317,26 +328,69 @@ class Chores:
             if not changed_rows(stored):
                 return  # somebody else moved the summary on meanwhile
 
-    async def _summary_of(self, previous: str | None, rows: list[Message]) -> str:
+    @property
+    def _summary_max_tokens(self) -> int:
+        # Words run one to two tokens in most languages; the slack lets a summary end.
+        return self._settings.summary_words * 2 + 64
+
+    async def _transcript_room(self, previous: str | None) -> int:
+        """How many tokens of transcript one summarising call may read: what the utility
+        model's window leaves beside the instructions, the earlier summary and the summary it
+        writes (a 2,048-token local model reads a few hundred at a time, not 24,000
+        characters)."""
+        if self._utility is None:
+            return SUMMARY_CHUNK_TOKENS
+        window = await self._context.window(self._utility_model)
+        model = self._utility_model
+        instructions = SUMMARY_INSTRUCTIONS.format(words=self._settings.summary_words)
+        used = (
+            # CHATBOT_CONTEXT_TOKENS is a prompt's budget, the reply's room already left out.
+            (0 if window.source == "setting" else self._summary_max_tokens)
+            + self._context.count(instructions, model)
+            + self._context.count(previous or "", model)
+            + 64  # framing, the headings, and a margin
+        )
+        if is_reasoning_model(model):
+            used += REASONING_ALLOWANCE
+        return max(MIN_TRANSCRIPT_TOKENS, min(SUMMARY_CHUNK_TOKENS, window.tokens - used))
+
+    def _first_chunk(self, rows: list[Message], room: int) -> list[str]:
+        """The transcript lines of the oldest messages that fit `room` tokens of the utility
+        model: at least one message, cut to fit."""
+        lines: list[str] = []
+        size = 0
+        for message in rows:
+            line, tokens = self._line_within(message, room)
+            size += tokens + 1
+            if lines and size > room:
+                break
+            lines.append(line)
+        return lines
+
+    def _line_within(self, message: Message, room: int) -> tuple[str, int]:
+        """A message's line cut (opening and end) until it counts at most `room` tokens."""
+        limit = _chars(room)
+        while True:
+            line = _line(message, limit)
+            tokens = self._context.count(line, self._utility_model)
+            if tokens <= room or limit <= MIN_LINE_CHARS:
+                return line, tokens
+            limit = max(MIN_LINE_CHARS, limit * room // tokens * 9 // 10)
+
+    async def _summary_of(self, previous: str | None, rows: list[Message], lines: list[str]) -> str:
         words = self._settings.summary_words
         if self._utility is None:
             return extractive_summary(previous, rows, words)
-        text = f"Earlier summary:\n{previous or '(none)'}\n\nNew messages:\n{transcript(rows)}"
-        # Words run one to two tokens in most languages; the slack lets a summary end.
+        new = "\n".join(lines)
+        text = f"Earlier summary:\n{previous or '(none)'}\n\nNew messages:\n{new}"
         summary = await self._complete(
-            SUMMARY_INSTRUCTIONS.format(words=words), text, words * 2 + 64
+            SUMMARY_INSTRUCTIONS.format(words=words), text, self._summary_max_tokens
         )
         if not summary:
             raise EmptySummary()
         return summary
 
 
-def _first_chunk(rows: list[Message]) -> list[Message]:
-    chunk: list[Message] = []
-    size = 0
-    for message in rows:
-        size += len(message.content)
-        if chunk and size > SUMMARY_CHUNK_CHARS:
-            break
-        chunk.append(message)
-    return chunk
+def _chars(tokens: int) -> int:
+    """The characters one message may keep in a transcript of `tokens` tokens."""
+    return min(SUMMARY_CHUNK_CHARS, tokens * CHARS_PER_TOKEN)

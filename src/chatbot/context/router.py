@@ -5,7 +5,14 @@ from fastapi import APIRouter
 from chatbot.auth.deps import CurrentUser
 from chatbot.context.tokens import REPLY_PRIMING_TOKENS
 from chatbot.conversations.deps import OwnedConversation
-from chatbot.deps import ContextBuilderDep, ProfilesDep, SessionDep, SettingsDep, ToolsDep
+from chatbot.deps import (
+    ContextBuilderDep,
+    LLMDep,
+    ProfilesDep,
+    SessionDep,
+    SettingsDep,
+    ToolsDep,
+)
 
 router = APIRouter(tags=["context"])
 
@@ -17,10 +24,13 @@ async def conversation_context(
     settings: SettingsDep,
     builder: ContextBuilderDep,
     registry: ToolsDep,
+    llm: LLMDep,
 ) -> dict[str, Any]:
     """What the next turn would send the model, before its new message, and what it costs."""
     model = conversation.model or settings.model
-    tools = registry.offered(conversation.toolsets, conversation.user_id)
+    tools = registry.offered(
+        conversation.toolsets, conversation.user_id, model_takes_tools=llm.takes_tools(model)
+    )
     plan = await builder.plan(
         session,
         conversation,
@@ -30,8 +40,11 @@ async def conversation_context(
         tools=[tool.to_openai() for tool in tools.values()],
     )
     return {
-        "model": plan.model,
+        # As the reply will record it (the offline demo answers as itself).
+        "model": llm.model_label(plan.model),
         "encoding": plan.encoding,
+        "context_window": plan.window.tokens,
+        "context_window_source": plan.window.source,
         "budget": plan.budget,
         "total_tokens": plan.total_tokens,
         "available_for_new_message": max(0, plan.budget - plan.total_tokens),

@@ -44,6 +44,9 @@ class TokenUsage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    estimated: bool = False
+    """Counted by the service, not reported by the provider (servers such as llama.cpp's
+    stream no usage at all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,10 @@ StreamEvent = TextDelta | Completion
 class LLMClient(Protocol):
     def model_label(self, requested: str) -> str:
         """The model name recorded on a reply asked of `requested`."""
+        ...
+
+    def takes_tools(self, model: str) -> bool:
+        """Whether requests for `model` carry tools: false once its server refused them."""
         ...
 
     def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:

@@ -245,6 +245,9 @@ class DemoChatClient:
     def model_label(self, requested: str) -> str:
         return DEMO_MODEL
 
+    def takes_tools(self, model: str) -> bool:
+        return True
+
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
         reply, calls = _respond(request)
         for token in _TOKEN.findall(reply):

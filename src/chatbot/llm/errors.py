@@ -42,3 +42,14 @@ class UpstreamReportedError(UpstreamError):
 
 class UpstreamInvalidResponse(UpstreamError):
     detail = "The model provider sent an invalid response"
+
+
+class UpstreamContextExceeded(UpstreamRejected):
+    """The provider refused the prompt as longer than its model's context window; `window` is
+    the size it named, if it named one (already learned for the model by the client)."""
+
+    detail = "The model provider rejected the prompt as longer than its context window"
+
+    def __init__(self, detail: str | None = None, *, window: int | None = None) -> None:
+        super().__init__(detail)
+        self.window = window

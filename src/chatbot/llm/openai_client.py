@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from openai import AsyncOpenAI
 
 from chatbot.config import Settings
 from chatbot.errors import UpstreamError
+from chatbot.llm import refusals
 from chatbot.llm.client import (
     MAX_FINISH_REASON_CHARS,
     MAX_MODEL_CHARS,
@@ -27,6 +29,7 @@ from chatbot.llm.client import (
 )
 from chatbot.llm.errors import (
     UpstreamAuthFailed,
+    UpstreamContextExceeded,
     UpstreamDisconnected,
     UpstreamInvalidResponse,
     UpstreamRateLimited,
@@ -35,6 +38,7 @@ from chatbot.llm.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from chatbot.llm.windows import ContextWindows
 from chatbot.sanitize import MAX_COUNT, clean_count, clean_label, clean_text
 
 logger = logging.getLogger(__name__)
@@ -48,8 +52,12 @@ HTTPClient = httpx.AsyncClient | httpx2.AsyncClient
 _HTTP_ERRORS = (httpx.HTTPError, httpx2.HTTPError)
 _TIMEOUTS = (httpx.TimeoutException, httpx2.TimeoutException)
 _TRANSPORT_ERRORS = (httpx.TransportError, httpx2.TransportError)
+TOOLS_REFUSED_SECONDS = 3600.0
+"""How long a model whose server refused tools is sent none before it is offered them again."""
 DRAIN_TIMEOUT = 0.5
 """How long the rest of a body after `[DONE]` may take before its connection is dropped."""
+_MAX_MODELS_REMEMBERED = 1024
+"""Models remembered as taking no tools: the model is the client's to choose."""
 
 
 def is_reasoning_model(model: str) -> bool:
@@ -57,7 +65,10 @@ def is_reasoning_model(model: str) -> bool:
     return name.startswith(_REASONING_PREFIXES) and not name.startswith("gpt-5-chat")
 
 
-def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, Any]:
+def request_params(
+    request: CompletionRequest, *, reasoning: bool, tools: bool = True
+) -> dict[str, Any]:
+    """The body of a call; without its tools when `tools` is false (a server that takes none)."""
     params: dict[str, Any] = {
         "model": request.model,
         "messages": [message.to_openai() for message in request.messages],
@@ -67,7 +78,7 @@ def request_params(request: CompletionRequest, *, reasoning: bool) -> dict[str, 
         params[key] = request.max_output_tokens
     if request.temperature is not None and not reasoning:
         params["temperature"] = request.temperature
-    if request.tools:
+    if request.tools and tools:
         params["tools"] = request.tools
         if request.tool_choice is not None:
             params["tool_choice"] = request.tool_choice
@@ -104,9 +115,18 @@ class OpenAIChatClient:
             max_retries=settings.upstream_max_retries,
             http_client=cast(Any, self._http),
         )
+        self.windows = ContextWindows(settings, self._http)
+        """The context window of each model, asked of the server behind the base URL."""
+        self._without_tools: dict[str, float] = {}
+        """Models whose server refused the tools of a request, and until when they are sent
+        none (a server restarted with tool support gets them again after a while)."""
 
     def model_label(self, requested: str) -> str:
         return requested
+
+    def takes_tools(self, model: str) -> bool:
+        until = self._without_tools.get(model)
+        return until is None or until <= time.monotonic()
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
         """The client makes the request (auth, retries, error mapping); the chunks are read as
@@ -152,11 +172,17 @@ class OpenAIChatClient:
         )
 
     async def _open(self, request: CompletionRequest) -> httpx.Response | httpx2.Response:
-        """The streaming response, its status checked; its body is for the caller to read."""
+        """The streaming response, its status checked; its body is for the caller to read.
+
+        A rejection the request can be changed to avoid is retried once per change: the other
+        parameter style, or no tools for a server that takes none (remembered for the model).
+        A prompt the server says is too long raises UpstreamContextExceeded, the window it
+        named learned for the model."""
         reasoning = is_reasoning_model(request.model)
         adjusted = False
+        tools = bool(request.tools) and self.takes_tools(request.model)
         while True:
-            params = request_params(request, reasoning=reasoning)
+            params = request_params(request, reasoning=reasoning, tools=tools)
             try:
                 # The client's generic POST: its auth, retries, timeouts and error types, without
                 # the typed `create`, whose walk over every parameter costs more than the rest
@@ -170,16 +196,45 @@ class OpenAIChatClient:
                     stream_cls=openai.AsyncStream[object],
                 )
                 return cast(httpx.Response | httpx2.Response, stream.response)
-            except openai.BadRequestError as exc:
+            except openai.APIStatusError as exc:
                 # An unknown model behind a compatible endpoint may be a reasoning model
                 # (or not): switch parameter style once when the upstream says so.
-                if not adjusted and _rejects_parameter_style(exc, reasoning):
+                if (
+                    isinstance(exc, openai.BadRequestError)
+                    and not adjusted
+                    and _rejects_parameter_style(exc, reasoning)
+                ):
                     adjusted, reasoning = True, not reasoning
                     logger.info("retrying %s with the other parameter style", request.model)
                     continue
-                raise upstream_error(exc) from exc
+                if tools and refusals.rejects_tools(exc):
+                    tools = False
+                    self._refuses_tools(request.model)
+                    continue
+                raise self._rejection(exc, request.model) from exc
             except (openai.APIError, *_HTTP_ERRORS) as exc:
                 raise upstream_error(exc) from exc
+
+    def _refuses_tools(self, model: str) -> None:
+        if self.takes_tools(model):
+            logger.info(
+                "the model provider refuses tools for %s; sending it none for %gs",
+                model,
+                TOOLS_REFUSED_SECONDS,
+            )
+            if len(self._without_tools) >= _MAX_MODELS_REMEMBERED:
+                self._without_tools.clear()
+        self._without_tools[model] = time.monotonic() + TOOLS_REFUSED_SECONDS
+
+    def _rejection(self, exc: openai.APIStatusError, model: str) -> UpstreamError:
+        exceeded, window = refusals.context_overflow(exc)
+        if not exceeded:
+            return upstream_error(exc)
+        if window is not None and self.windows.learn(model, window) is None:
+            window = None  # not a number to plan with
+        return UpstreamContextExceeded(
+            _upstream_detail(exc, "rejected the prompt as too long"), window=window
+        )
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -11,6 +11,9 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    estimated: bool = False
+    """True when the service counted the tokens itself: the provider reported none (llama.cpp's
+    server streams no usage), for one of the reply's calls at least."""
 
 
 class MessageOut(BaseModel):
@@ -41,6 +44,7 @@ class MessageOut(BaseModel):
                 completion_tokens=message.completion_tokens,
                 total_tokens=message.total_tokens
                 or message.prompt_tokens + message.completion_tokens,
+                estimated=bool(message.usage_estimated),
             )
         return cls(
             id=message.id,

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatbot.config import Settings
-from chatbot.context.builder import ContextTooLarge
+from chatbot.context.builder import ContextTooLarge, context_budget, fit_messages
 from chatbot.context.chores import FollowUp
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations import repository as conversations
@@ -26,6 +26,8 @@ from chatbot.llm.client import (
     TokenUsage,
     ToolCall,
 )
+from chatbot.llm.errors import UpstreamContextExceeded
+from chatbot.llm.windows import Window
 from chatbot.messages.models import MessageStatus
 from chatbot.quotas import service as quotas
 from chatbot.replies.errors import (
@@ -79,12 +81,17 @@ class _Turn:
     started: float
     prompt_tokens: int
     """An estimate of the next call's prompt, for the daily quota and the context window."""
+    budget: int | None = None
+    """The context budget the prompt must stay within; smaller once a server named its window."""
+    max_output_tokens: int | None = None
     ttft_ms: int | None = None
     rounds: int = 0
     completion: Completion | None = None
     usage: list[TokenUsage] = field(default_factory=list)
     unrecorded_tokens: int = 0
     """Tokens of the last call, not yet added to the user's day."""
+    calling: bool = False
+    """A call to the model is under way: its usage is not known yet."""
     calls: list[dict[str, Any]] = field(default_factory=list)
     """The calls made so far with their results, as the finished turn lists them."""
     call_ids: set[str] = field(default_factory=set)
@@ -98,13 +105,24 @@ class _Turn:
             self.ttft_ms = elapsed_ms(self.started)
 
     def summed_usage(self) -> TokenUsage | None:
+        """Over the reply's calls; estimated if any call's was."""
         if not self.usage:
             return None
         return TokenUsage(
             min(MAX_COUNT, sum(usage.prompt_tokens for usage in self.usage)),
             min(MAX_COUNT, sum(usage.completion_tokens for usage in self.usage)),
             min(MAX_COUNT, sum(usage.total_tokens for usage in self.usage)),
+            estimated=any(usage.estimated for usage in self.usage),
         )
+
+    def estimate_usage(self, completion_tokens: int) -> TokenUsage:
+        """A call the provider reported no usage for: its planned prompt and the completion
+        as the service counted it."""
+        prompt = min(MAX_COUNT, self.prompt_tokens)
+        completion = min(MAX_COUNT, completion_tokens)
+        usage = TokenUsage(prompt, completion, min(MAX_COUNT, prompt + completion), estimated=True)
+        self.usage.append(usage)
+        return usage
 
     async def shielded(self, work: Coroutine[Any, Any, _T]) -> _T:
         """Run a store that a cancel must not cut in half: a cancel waits for it to end
@@ -136,14 +154,19 @@ class ReplyRunner:
 
         While the model answers with tool calls, they run and their results go back to it, up
         to CHATBOT_MAX_TOOL_ROUNDS rounds; then the reply's text is stored."""
-        turn = _Turn(job.started, job.prompt_tokens)
+        turn = _Turn(
+            job.started,
+            job.prompt_tokens,
+            budget=job.budget,
+            max_output_tokens=job.max_output_tokens,
+        )
         request = job.request
         error: AppError | None = None
         status = MessageStatus.COMPLETED
         try:
             async with asyncio.timeout(self._settings.request_timeout):
                 while True:
-                    completion = await self._complete(reply, request, turn)
+                    completion, request = await self._complete(reply, request, turn)
                     if not completion.tool_calls:
                         break
                     request = await self._tool_round(reply, request, completion, job, turn)
@@ -175,39 +198,112 @@ class ReplyRunner:
 
     async def _complete(
         self, reply: LiveReply, request: CompletionRequest, turn: _Turn
-    ) -> Completion:
-        """One call to the model, streamed into the reply. A call that brings nothing at all
-        is made once more: nothing of it reached the client."""
+    ) -> tuple[Completion, CompletionRequest]:
+        """One call to the model, streamed into the reply; returns how it ended and the request
+        as sent. A call that brings nothing at all is made once more: nothing of it reached
+        the client. So is a call whose prompt the server refused as too long for the window it
+        names, cut to fit that (the window is learned for later turns too)."""
         completion: Completion | None = None
-        limit = self._settings.max_reply_chars
-        for attempt in range(2):
-            events = self._llm.stream(request)
+        retried_empty = trimmed = False
+        while True:
+            position = reply.length
             try:
-                async for event in events:
-                    if isinstance(event, Completion):
-                        completion = event
-                    elif event.text:
-                        turn.first_output()
-                        if reply.length + len(event.text) > limit:
-                            self._cut(reply, event.text, turn, request.model)
-                        reply.append(event.text)
-            finally:
-                if isinstance(events, AsyncGenerator):  # closes the call to the model at once
-                    await events.aclose()
-            if reply.round_has_output or (completion and completion.tool_calls) or attempt:
+                completion = await self._call(reply, request, turn)
+            except UpstreamContextExceeded as exc:
+                if trimmed or reply.length != position:
+                    raise ContextTooLarge(
+                        f"The prompt does not fit the context window of {request.model}, "
+                        "as its server says"
+                    ) from exc
+                request = self._trimmed(request, exc, turn)
+                trimmed = True
+                continue
+            if reply.round_has_output or (completion and completion.tool_calls) or retried_empty:
                 break
+            retried_empty = True
             logger.info("reply %s came back empty; retrying once", reply.message_id)
         completion = completion or Completion(finish_reason=None, usage=None, model=None)
         turn.completion = completion
+        turn.calling = False
         if completion.usage is not None:
             turn.usage.append(completion.usage)
             turn.unrecorded_tokens = completion.usage.total_tokens
         else:
-            turn.unrecorded_tokens = self._counter.count_text(
-                reply.content + "".join(call.arguments for call in completion.tool_calls),
-                request.model,
+            # None reported: the call's prompt and output as counted here, on the reply (marked
+            # estimated) and in the user's day, as a reported usage would be.
+            usage = turn.estimate_usage(
+                self._counter.count_text(
+                    reply.content + "".join(call.arguments for call in completion.tool_calls),
+                    request.model,
+                )
             )
+            turn.unrecorded_tokens = usage.total_tokens
+        return completion, request
+
+    async def _call(
+        self, reply: LiveReply, request: CompletionRequest, turn: _Turn
+    ) -> Completion | None:
+        completion: Completion | None = None
+        limit = self._settings.max_reply_chars
+        turn.calling = True
+        events = self._llm.stream(request)
+        try:
+            async for event in events:
+                if isinstance(event, Completion):
+                    completion = event
+                elif event.text:
+                    turn.first_output()
+                    if reply.length + len(event.text) > limit:
+                        self._cut(reply, event.text, turn, request.model)
+                    reply.append(event.text)
+        finally:
+            if isinstance(events, AsyncGenerator):  # closes the call to the model at once
+                await events.aclose()
         return completion
+
+    def _trimmed(
+        self, request: CompletionRequest, exc: UpstreamContextExceeded, turn: _Turn
+    ) -> CompletionRequest:
+        """The request cut to the window the server named: older turns dropped until it fits
+        (as counted here), and `max_tokens` no more than the window leaves. A server that
+        names no window gets a prompt a quarter shorter."""
+        max_tokens = request.max_output_tokens
+        if exc.window is None:
+            budget = turn.prompt_tokens * 3 // 4
+        else:
+            budget = context_budget(
+                Window(exc.window, "learned"), turn.max_output_tokens, self._settings
+            )
+            if turn.budget is not None:  # never more than the turn was planned with
+                budget = min(budget, turn.budget)
+            too_long_a_reply = (
+                max_tokens is not None and turn.prompt_tokens + max_tokens > exc.window
+            )
+            if turn.prompt_tokens <= budget and not too_long_a_reply:
+                # It fit as counted here: the server's tokenizer counts more than ours (o200k
+                # for a model tiktoken does not know). Leave it a third more room.
+                budget = turn.prompt_tokens * 3 // 4
+        tools = request.tools if request.tools and self._llm.takes_tools(request.model) else None
+        tool_tokens = self._counter.count_text(json.dumps(tools), request.model) if tools else 0
+        messages, prompt_tokens = fit_messages(
+            request.messages,
+            budget=budget,
+            tool_tokens=tool_tokens,
+            counter=self._counter,
+            model=request.model,
+        )
+        if exc.window is not None and max_tokens is not None:
+            max_tokens = min(max_tokens, max(1, exc.window - prompt_tokens))
+        logger.info(
+            "the prompt of %s was too long for its server (%s); retrying with %d of %d messages",
+            request.model,
+            f"{exc.window}-token window" if exc.window else "no window named",
+            len(messages),
+            len(request.messages),
+        )
+        turn.prompt_tokens = prompt_tokens
+        turn.budget = budget
+        return replace(request, messages=messages, max_output_tokens=max_tokens)
 
     def _cut(self, reply: LiveReply, text: str, turn: "_Turn", model: str) -> NoReturn:
         """The reply reached CHATBOT_MAX_REPLY_CHARS: keep what fits, end it there."""
@@ -216,7 +312,10 @@ class ReplyRunner:
             reply.append(text[:room])
         turn.completion = Completion(finish_reason="length", usage=None, model=None)
         # The provider's usage never came: the prompt and this round's text, as counted here.
-        turn.unrecorded_tokens = turn.prompt_tokens + self._counter.count_text(reply.content, model)
+        completion_tokens = self._counter.count_text(reply.content, model)
+        turn.unrecorded_tokens = turn.prompt_tokens + completion_tokens
+        turn.estimate_usage(completion_tokens)
+        turn.calling = False
         raise ReplyTooLong(
             f"The reply reached CHATBOT_MAX_REPLY_CHARS ({limit} characters) and was cut there"
         )
@@ -253,10 +352,10 @@ class ReplyRunner:
         turn.prompt_tokens += self._counter.count_text(
             json.dumps(added[0].tool_calls), request.model
         ) + sum(self._counter.count_message(message.content, request.model) for message in added)
-        if job.budget is not None and turn.prompt_tokens > job.budget:
+        if turn.budget is not None and turn.prompt_tokens > turn.budget:
             raise ContextTooLarge(
                 f"With the tool results the next call needs {turn.prompt_tokens} tokens; "
-                f"the context budget of {request.model} is {job.budget}"
+                f"the context budget of {request.model} is {turn.budget}"
             )
         async with self._sessionmaker() as session:
             # Every round is a call to the model: it counts against the user's day.
@@ -344,6 +443,12 @@ class ReplyRunner:
         try:
             await self._settle(reply, turn)
             content = reply.content
+            if turn.calling and reply.round_has_output:
+                # The call was cut off (a timeout, a dropped connection, a cancel) after the
+                # model had produced something, which providers bill: as counted here.
+                usage = turn.estimate_usage(self._counter.count_text(content, request.model))
+                turn.unrecorded_tokens = usage.total_tokens
+            turn.calling = False
             completion = turn.completion
             ending = Ending(
                 status=status,

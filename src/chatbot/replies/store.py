@@ -91,6 +91,7 @@ class Ending:
                 values["prompt_tokens"] = self.usage.prompt_tokens
                 values["completion_tokens"] = self.usage.completion_tokens
                 values["total_tokens"] = self.usage.total_tokens
+                values["usage_estimated"] = self.usage.estimated
         return values
 
 

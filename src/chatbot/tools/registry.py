@@ -81,10 +81,13 @@ class ToolRegistry:
         """The toolsets a conversation uses: those it chose, or (None) the default."""
         return self._default if chosen is None else chosen
 
-    def offered(self, chosen: list[str] | None, user_id: str) -> Mapping[str, Tool]:
+    def offered(
+        self, chosen: list[str] | None, user_id: str, *, model_takes_tools: bool = True
+    ) -> Mapping[str, Tool]:
         """The tools a turn of a conversation that chose `chosen` offers the model for its
-        user (none when no round of calls may run)."""
-        if self._max_rounds == 0:
+        user: none when no round of calls may run, or when the model's server refused them
+        (`LLMClient.takes_tools`), so that their definitions are neither sent nor counted."""
+        if self._max_rounds == 0 or not model_takes_tools:
             return {}
         available = set(self.available(user_id))
         return self.tools(name for name in self.toolsets_of(chosen) if name in available)
