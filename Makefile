@@ -37,6 +37,7 @@ bench: install bench-env
 	$(BIN)/python bench/throughput.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/instances.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/growth.py --databases sqlite,$(BENCH_DATABASE_URL)
+	$(BIN)/python bench/ratelimit.py
 
 # The peer the benchmarks measure against: the LiteLLM proxy, in a venv of its own, never a
 # dependency of the project; pinned with its dependencies in bench/requirements-peers.txt.

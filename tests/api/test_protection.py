@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as redis_client
 
 from chatbot.cli import RedactTokens
+from chatbot.quotas.service import FixedWindows
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.support import Service, TcpProxy, day_usage, eventually
 
@@ -114,6 +115,24 @@ async def test_request_rate_is_limited_per_user(start_service: Any) -> None:
         other = await service.client.get("/v1/conversations", headers=service.auth("bob"))
         assert other.status_code == 200
         assert (await service.client.get("/healthz")).status_code == 200
+
+
+def test_fixed_windows_open_per_user_and_forget_closed_ones() -> None:
+    now = [1000.0]
+    windows = FixedWindows(3, 60, clock=lambda: now[0])
+    assert [windows.hit("alice") for _ in range(3)] == [None, None, None]
+    now[0] += 10
+    assert windows.hit("alice") == pytest.approx(50)
+    assert [windows.hit("bob") for _ in range(3)] == [None, None, None]  # his own window
+    now[0] += 50  # alice's window closes: a new one opens with her next request
+    assert windows.hit("alice") is None
+    assert windows.hit("bob") == pytest.approx(10)  # his closes ten seconds later
+    # A thousand users come and go: two periods on, none of their windows is kept.
+    for index in range(1000):
+        windows.hit(f"user-{index}")
+    now[0] += 130
+    windows.hit("carol")
+    assert len(windows._current) + len(windows._previous) == 1
 
 
 async def _redis_available() -> bool:
