@@ -1,5 +1,6 @@
 """Database engine, session factory, declarative base and migrations."""
 
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -136,13 +137,46 @@ def create_engine(
     if database_url.startswith("sqlite"):
         options["connect_args"] = {"timeout": 30}
     else:
-        # A server can restart under us; a file cannot. The ping costs a round trip per checkout.
-        options.update(pool_pre_ping=True, pool_recycle=1800)
+        options["pool_recycle"] = 1800
         options["connect_args"] = {"timeout": connect_timeout, "command_timeout": statement_timeout}
     engine = create_async_engine(database_url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    else:
+        _ping_when_idle(engine)
     return engine
+
+
+PING_AFTER_IDLE_SECONDS = 1.0
+"""A pooled connection unused this long is pinged before it is handed out; one back in the pool
+for less is not."""
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """A server can restart under us; a file cannot. SQLAlchemy's `pool_pre_ping` pings every
+    checkout, three round trips on asyncpg (BEGIN, a statement, ROLLBACK), twice a turn. Here
+    only a connection that sat idle is pinged, where a restart or a dropped connection would
+    have hit it: one in steady use that turns out dead fails its statement, which marks the
+    whole pool stale (SQLAlchemy invalidates every connection made before a disconnect), and
+    the request is answered `503 database_unavailable` with Retry-After."""
+    pool = engine.sync_engine.pool
+    dialect = engine.dialect
+
+    def fresh(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool drops this connection and checks out another (up to three tries).
+            raise DisconnectionError("the pooled connection is gone") from exc
+
+    event.listen(pool, "connect", fresh)
+    event.listen(pool, "checkin", fresh)
+    event.listen(pool, "checkout", ping_if_idle)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -8,10 +8,12 @@ import os
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as redis_client
 
+from chatbot import db
 from chatbot.cli import RedactTokens
 from chatbot.quotas.service import FixedWindows
 from tests.fake_upstream import FakeUpstream, Reply
@@ -374,6 +376,47 @@ async def test_the_service_survives_a_database_restart(
         assert turn.status_code == 201
     with contextlib.suppress(Exception):
         await proxy.stop()
+
+
+async def test_only_idle_connections_are_pinged_and_a_dead_one_is_replaced(
+    database_url: str, start_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a server ending sessions is a PostgreSQL matter")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.5)
+    async with start_service(database_url=database_url) as service:
+        dialect = service.state.engine.dialect
+        pings = 0
+        ping = dialect.do_ping
+
+        def counted(connection: Any) -> bool:
+            nonlocal pings
+            pings += 1
+            return bool(ping(connection))
+
+        monkeypatch.setattr(dialect, "do_ping", counted)
+        conversation = await service.create_conversation()
+        for _ in range(5):  # in steady use: no round trips spent on pings
+            response = await service.client.get("/v1/conversations", headers=service.auth())
+            assert response.status_code == 200
+        assert pings == 0
+        # Idle, then the server ends every session of the service (a restart, a proxy's
+        # timeout): the next request pings, finds the connection gone and takes a new one.
+        await asyncio.sleep(0.6)
+        connection = await asyncpg.connect(
+            database_url.replace("postgresql+asyncpg://", "postgresql://")
+        )
+        try:
+            await connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await connection.close()
+        back = await service.client.get("/v1/conversations", headers=service.auth())
+        assert back.status_code == 200, back.text
+        assert [item["id"] for item in back.json()["data"]] == [conversation["id"]]
+        assert pings >= 1
 
 
 async def test_a_repeated_query_parameter_is_refused(service: Service) -> None:
