@@ -191,7 +191,6 @@ async def test_a_reply_running_in_another_process_is_followed_through_the_databa
             await session.commit()
 
         async def other_instance() -> None:
-            await asyncio.sleep(0.2)
             async with service.state.sessionmaker() as session:
                 await session.execute(
                     update(Message)
@@ -200,12 +199,14 @@ async def test_a_reply_running_in_another_process_is_followed_through_the_databa
                 )
                 await session.commit()
 
-        writer = asyncio.create_task(other_instance())
+        events = []
         async with service.client.stream(
             "GET", f"/v1/messages/{message_id}/stream?starting_after=1", headers=service.auth()
         ) as response:
-            events = await collect_events(response)
-        await writer
+            async for event in read_events(response):
+                events.append(event)
+                if len(events) == 1:  # the checkpoint seen: the other instance goes on
+                    await other_instance()
         deltas = [event.data["content"] for event in events if event.event == "delta"]
         assert "".join(deltas) == "ello, world!"
         assert deltas[0] == "el"
