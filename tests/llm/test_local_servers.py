@@ -19,6 +19,7 @@ from chatbot.context.tokens import TokenCounter
 from chatbot.llm.refusals import context_overflow, rejects_tools
 from chatbot.llm.windows import (
     FOUND_TTL,
+    MAX_NEW_MODELS_PER_MINUTE,
     MAX_PROBE_BYTES,
     ContextWindows,
     Window,
@@ -607,6 +608,22 @@ async def test_a_learned_window_lapses_and_a_server_without_routes_is_not_waited
         async with asyncio.timeout(0.5):  # answered from what is known, not after the probe
             assert await windows.get(other) == Window(8192, "default")
         await eventually(lambda: len(upstream.probes) == asked + 4)
+
+
+async def test_new_model_names_are_asked_about_a_few_a_minute(upstream: FakeUpstream) -> None:
+    # Model names are the client's: a stream of made-up ones must not become a stream of
+    # probes to the server, nor push the real model out of the cache.
+    upstream.like_llama_cpp(2048)
+    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, model=MODEL)
+    now = [0.0]
+    async with httpx.AsyncClient() as http:
+        windows = ContextWindows(settings, http, clock=lambda: now[0])
+        found = [await windows.get(f"made-up-{index}") for index in range(30)]
+        assert found[:MAX_NEW_MODELS_PER_MINUTE] == [Window(2048, "server:llama.cpp")] * 8
+        assert set(found[MAX_NEW_MODELS_PER_MINUTE:]) == {Window(8192, "default")}
+        assert len(upstream.probes) == 4 * MAX_NEW_MODELS_PER_MINUTE
+        now[0] += 60  # a minute on, there is room again
+        assert await windows.get(MODEL) == Window(2048, "server:llama.cpp")
 
 
 async def test_a_refusal_naming_no_window_is_retried_a_quarter_shorter(

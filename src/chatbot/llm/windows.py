@@ -63,6 +63,9 @@ FOUND_TTL = 600.0
 """How long a window a server named is trusted before it is asked again (a restarted server
 may have another)."""
 NOT_FOUND_TTL = 60.0
+MAX_NEW_MODELS_PER_MINUTE = 8
+"""Models never asked about that may be asked about in a minute; others get the table's window
+until a later minute has room."""
 MAX_MODELS = 1024
 """Models remembered: the model is the client's to choose, so what is kept is bounded."""
 OLLAMA_DEFAULT_NUM_CTX = 4096
@@ -230,6 +233,8 @@ class ContextWindows:
         self._learned: OrderedDict[str, tuple[int, float]] = OrderedDict()
         """Windows servers named refusing a prompt, and until when they are believed."""
         self._probing: dict[str, asyncio.Task[Window | None]] = {}
+        self._new_probes = (0, 0)
+        """The minute, and how many models never asked about were asked about in it."""
 
     async def get(self, model: str) -> Window:
         """The window to plan `model`'s prompts with; never raises."""
@@ -269,6 +274,8 @@ class ContextWindows:
         if known is not None and known[1] > self._clock():
             return known[0]
         probe = self._probing.get(model)
+        if probe is None and known is None and not self._may_probe_new_model():
+            return None  # too many new names this minute: the table, and asked another time
         if probe is None:
             # One probe per model at a time, whoever asks; a caller that gives up (its request
             # was cancelled) leaves it running for the others.
@@ -286,6 +293,18 @@ class ContextWindows:
         except Exception:  # _probe catches everything; this is a last resort
             logger.exception("probing the context window of %s failed", model)
             return None
+
+    def _may_probe_new_model(self) -> bool:
+        """Whether a model never asked about may be asked about now. Model names are the
+        client's to choose: without a bound, each new one would send the server four requests
+        (and push the real model out of the cache)."""
+        minute = int(self._clock() // 60)
+        if minute != self._new_probes[0]:
+            self._new_probes = (minute, 0)
+        if self._new_probes[1] >= MAX_NEW_MODELS_PER_MINUTE:
+            return False
+        self._new_probes = (minute, self._new_probes[1] + 1)
+        return True
 
     async def _probe(self, model: str) -> Window | None:
         answers = await asyncio.gather(
