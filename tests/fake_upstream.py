@@ -205,6 +205,8 @@ class FakeUpstream:
         """Chat requests refused for their length or their tools (also in `requests`)."""
         self.tools_refusal: Refusal | None = None
         """The answer to any chat request that carries tools, if this server takes none."""
+        self.refuses_only_tool_choice = False
+        """With `tools_refusal`: refuse only requests that carry a `tool_choice`."""
         self.stream_usage = True
         """False: streams carry no usage chunk, whatever the request asks (llama.cpp)."""
         self._handlers: set[asyncio.Task[None]] = set()
@@ -377,7 +379,8 @@ class FakeUpstream:
         )
 
     def _refusal(self, body: dict[str, Any]) -> Refusal | None:
-        if self.tools_refusal is not None and body.get("tools"):
+        refused = not self.refuses_only_tool_choice or body.get("tool_choice")
+        if self.tools_refusal is not None and body.get("tools") and refused:
             return self.tools_refusal
         if self.context_window is not None:
             tokens = int(prompt_tokens(body) * self.count_factor)

@@ -333,6 +333,30 @@ async def test_a_server_refusing_tools_is_asked_again_without_them_and_never_sen
         assert caplog.text.count("refuses tools") == 1
 
 
+async def test_a_refused_tool_choice_drops_tools_for_that_call_only(
+    start_service: Any, upstream: FakeUpstream
+) -> None:
+    # The call after the last round carries tool_choice "none"; a server refusing just that
+    # gets that call without tools, and the model keeps its tools for the next turn.
+    upstream.like_vllm(MODEL, 8192)
+    upstream.tools_refusal = Refusal(
+        400, {"object": "error", "message": "tool_choice 'none' is not supported", "code": 400}
+    )
+    upstream.refuses_only_tool_choice = True
+    async with start_service(model=MODEL, max_tool_rounds=1) as service:
+        conversation = await service.create_conversation(toolsets=["tasks"])
+        upstream.queue(
+            Reply(tokens=[], tool_calls=[("call_1", "list_tasks", "{}")]), Reply(tokens=["None."])
+        )
+        reply = await _turn(service, conversation["id"], "what is on my list?")
+        assert reply["content"] == "None."
+        refused, retried = upstream.requests[-2:]
+        assert refused.body["tool_choice"] == "none"
+        assert "tools" not in retried.body
+        await _turn(service, conversation["id"], "and now?")
+        assert "tools" in upstream.requests[-1].body
+
+
 async def test_a_summary_appears_with_tools_offered(
     start_service: Any, upstream: FakeUpstream
 ) -> None:

@@ -209,7 +209,10 @@ class OpenAIChatClient:
                     continue
                 if tools and refusals.rejects_tools(exc):
                     tools = False
-                    self._refuses_tools(request.model)
+                    if request.tool_choice is None:
+                        self._refuses_tools(request.model)
+                    # else: refused with `tool_choice: "none"` (the last round), which may be
+                    # all the server objects to; without tools is what that round asks anyway.
                     continue
                 raise self._rejection(exc, request.model) from exc
             except (openai.APIError, *_HTTP_ERRORS) as exc:
