@@ -26,6 +26,7 @@ from chatbot.llm.windows import (
     llama_cpp_window,
     lmstudio_window,
     ollama_window,
+    probes_base_url,
     vllm_window,
     window_count,
 )
@@ -485,6 +486,26 @@ async def test_a_probe_answered_with_garbage_falls_back_safely(
 
 
 # --- the rules, one by one ---------------------------------------------------------------------
+
+
+def test_hosted_apis_are_never_probed_and_self_hosted_servers_are() -> None:
+    for hosted in (
+        "https://api.openai.com/v1",
+        "https://my-resource.openai.azure.com/openai/v1",
+        "https://generativelanguage.googleapis.com/v1beta/openai/",
+        "https://openrouter.ai/api/v1",
+        "https://API.GROQ.COM./openai/v1",
+    ):
+        assert not probes_base_url(hosted), hosted
+    for local in (
+        "http://127.0.0.1:8080/v1",
+        "http://localhost:11434/v1",
+        "http://vllm.internal:8000/v1",
+        "https://openrouter.ai.example.net/v1",  # a name that only starts like one
+        "https://notopenrouter.ai/v1",
+    ):
+        assert probes_base_url(local), local
+    assert not probes_base_url(None)
 
 
 def test_window_counts_are_whole_numbers_within_reason() -> None:

@@ -69,7 +69,20 @@ until a later minute has room."""
 MAX_MODELS = 1024
 """Models remembered: the model is the client's to choose, so what is kept is bounded."""
 OLLAMA_DEFAULT_NUM_CTX = 4096
-OPENAI_HOSTS = ("api.openai.com",)
+HOSTED_APIS = (
+    "api.openai.com",
+    "openai.azure.com",
+    "generativelanguage.googleapis.com",
+    "openrouter.ai",
+    "api.groq.com",
+    "api.together.xyz",
+    "api.mistral.ai",
+    "api.deepseek.com",
+    "api.anthropic.com",
+    "api.fireworks.ai",
+)
+"""Hosted APIs (and their subdomains): none answers the local servers' routes, so they are
+never probed; their models' windows come from the table."""
 # The order in which servers' answers are believed, should more than one route answer.
 SERVER_KINDS = ("llama.cpp", "vllm", "ollama", "lmstudio")
 
@@ -194,11 +207,12 @@ def ollama_window(shown: object) -> int | None:
 
 
 def probes_base_url(base_url: str | None) -> bool:
-    """Whether a base URL may be a local or self-hosted server worth asking: not OpenAI's."""
+    """Whether a base URL may be a local or self-hosted server worth asking: not a hosted
+    API's."""
     if base_url is None:
         return False
-    host = urlsplit(base_url).hostname or ""
-    return host.lower() not in OPENAI_HOSTS
+    host = (urlsplit(base_url).hostname or "").lower().rstrip(".")
+    return not any(host == api or host.endswith("." + api) for api in HOSTED_APIS)
 
 
 def server_root(base_url: str) -> str:
