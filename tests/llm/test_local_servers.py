@@ -5,7 +5,8 @@ of are dropped for good."""
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -628,14 +629,20 @@ async def test_a_window_learned_wins_over_the_probe_and_only_the_setting_over_it
     assert len(upstream.probes) == 4
 
 
+@asynccontextmanager
+async def _asking(upstream: FakeUpstream) -> AsyncIterator[tuple[ContextWindows, list[float]]]:
+    """Context windows asked of `upstream`, on a clock the test moves (`now[0]`)."""
+    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, model=MODEL)
+    now = [0.0]
+    async with httpx.AsyncClient() as http:
+        yield ContextWindows(settings, http, clock=lambda: now[0]), now
+
+
 async def test_a_learned_window_lapses_and_a_server_without_routes_is_not_waited_for_again(
     upstream: FakeUpstream,
 ) -> None:
     upstream.like_llama_cpp(2048)
-    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, model=MODEL)
-    now = [0.0]
-    async with httpx.AsyncClient() as http:
-        windows = ContextWindows(settings, http, clock=lambda: now[0])
+    async with _asking(upstream) as (windows, now):
         windows.learn(MODEL, 1024)
         assert await windows.get(MODEL) == Window(1024, "learned")
         # Restarted with a larger window: once the learned one lapses, the server is believed.
@@ -659,10 +666,7 @@ async def test_new_model_names_are_asked_about_a_few_a_minute(upstream: FakeUpst
     # Model names are the client's: a stream of made-up ones must not become a stream of
     # probes to the server, nor push the real model out of the cache.
     upstream.like_llama_cpp(2048)
-    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, model=MODEL)
-    now = [0.0]
-    async with httpx.AsyncClient() as http:
-        windows = ContextWindows(settings, http, clock=lambda: now[0])
+    async with _asking(upstream) as (windows, now):
         found = [await windows.get(f"made-up-{index}") for index in range(30)]
         assert found[:MAX_NEW_MODELS_PER_MINUTE] == [Window(2048, "server:llama.cpp")] * 8
         assert set(found[MAX_NEW_MODELS_PER_MINUTE:]) == {Window(8192, "default")}
@@ -697,10 +701,7 @@ async def test_a_window_found_is_refreshed_in_the_background_and_kept_while_unan
     upstream: FakeUpstream,
 ) -> None:
     upstream.like_llama_cpp(4096)
-    settings = Settings(_env_file=None, openai_base_url=upstream.base_url, model=MODEL)
-    now = [0.0]
-    async with httpx.AsyncClient() as http:
-        windows = ContextWindows(settings, http, clock=lambda: now[0])
+    async with _asking(upstream) as (windows, now):
         assert await windows.get(MODEL) == Window(4096, "server:llama.cpp")
         upstream.like_llama_cpp(8192)  # restarted with a larger context
         now[0] += FOUND_TTL + 1
