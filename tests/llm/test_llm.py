@@ -1,7 +1,9 @@
 """The upstream request each model family gets, checked at the HTTP layer with respx."""
 
 import asyncio
+import gzip
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -10,6 +12,7 @@ import respx
 
 from chatbot.config import Settings
 from chatbot.errors import UpstreamError
+from chatbot.llm import openai_client
 from chatbot.llm.client import ChatMessage, Completion, CompletionRequest, TextDelta, ToolCall
 from chatbot.llm.demo import DEMO_MODEL, DemoChatClient
 from chatbot.llm.openai_client import DRAIN_TIMEOUT, OpenAIChatClient, is_reasoning_model
@@ -184,6 +187,67 @@ async def test_the_event_stream_is_read_as_the_sse_format_defines_it() -> None:
     assert completion.finish_reason == "stop"
     assert completion.usage is not None
     assert completion.usage.total_tokens == 4
+
+
+async def _stream_blocks(
+    *bodies: list[bytes], headers: dict[str, str] | None = None
+) -> list[list[Any]]:
+    """The events of each body, arriving in its blocks as a socket may cut it: one request
+    each, through one client."""
+
+    async def blocks(body: list[bytes]) -> AsyncIterator[bytes]:
+        for block in body:
+            yield block
+
+    answers = iter(bodies)
+    client = _client()
+    request = CompletionRequest(model="m", messages=[ChatMessage("user", "hello")])
+    with respx.mock(assert_all_called=True) as mock:
+        mock.post(f"{BASE_URL}/chat/completions").mock(
+            side_effect=lambda _: httpx.Response(
+                200,
+                content=blocks(next(answers)),
+                headers={"content-type": "text/event-stream", **(headers or {})},
+            )
+        )
+        try:
+            return [await model_events(client, request) for _ in bodies]
+        finally:
+            await client.aclose()
+
+
+async def test_lines_read_the_same_wherever_the_network_cuts_the_body() -> None:
+    # LF, CRLF and CR alone end lines; a cut may fall inside a line, between CR and LF, or
+    # inside a UTF-8 character.
+    first, second, third = (json.dumps(_chunk(text), ensure_ascii=False) for text in "ab€")
+    body = (
+        f"data: {first}\n\n: ping\r\n\r\ndata: {second}\r\n\r\ndata: {third}\r\rdata: [DONE]\n\n"
+    ).encode()
+    cuts = range(1, len(body))
+    read = await _stream_blocks(*([body[:cut], body[cut:]] for cut in cuts))
+    for cut, events in zip(cuts, read, strict=True):
+        assert [e.text for e in events if isinstance(e, TextDelta)] == ["a", "b", "€"], cut
+        assert isinstance(events[-1], Completion)
+
+
+async def test_bytes_that_are_not_utf8_are_replaced_not_fatal() -> None:
+    chunk = json.dumps(_chunk("caf-")).encode().replace(b"caf-", b"caf\xe9")  # Latin-1 é
+    (events,) = await _stream_blocks([b"data: " + chunk + b"\n\ndata: [DONE]\n\n"])
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["caf\ufffd"]
+
+
+async def test_a_compressed_event_stream_is_decoded() -> None:
+    # Asked for nothing of the kind, a server may compress anyway.
+    body = _chunk_line("Hi") + b"data: [DONE]\n\n"
+    (events,) = await _stream_blocks([gzip.compress(body)], headers={"content-encoding": "gzip"})
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["Hi"]
+
+
+async def test_a_line_that_never_ends_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_client, "MAX_LINE_BYTES", 4096)
+    with pytest.raises(UpstreamError) as raised:
+        await _stream_blocks([_chunk_line("Hi"), b"data: " + b"x" * 3000, b"x" * 3000])
+    assert raised.value.status == 502
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import aiohttp
 import httpx
 import httpx2
 import openai
+import orjson
 from openai import AsyncOpenAI
 
 from chatbot.config import Settings
@@ -88,10 +90,11 @@ def request_params(
 def build_http_client(settings: Settings) -> httpx2.AsyncClient:
     """Our own pool: bounded connections, and a read timeout that bounds silence between chunks.
 
-    httpx2 rather than httpx: httpcore's pool rescans every connection, quadratically for idle
-    ones, whenever a request starts or ends, which under a few hundred streams cost more CPU
-    than relaying their tokens; httpcore2's pool does it in one pass."""
-    return httpx2.AsyncClient(
+    The `openai` package's own aiohttp transport (its `aiohttp` extra): aiohttp parses HTTP in
+    C, where httpx2's default transport (httpcore2, h11 and anyio) does it in Python, which
+    cost more CPU per relayed token than the rest of relaying it (see the README, "Choices").
+    The client on top is the SDK's httpx2 client as ever: its auth, retries and errors."""
+    return openai.DefaultAioHttpClient(
         timeout=httpx2.Timeout(
             settings.upstream_timeout,
             connect=settings.upstream_connect_timeout,
@@ -137,7 +140,7 @@ class OpenAIChatClient:
         usage: TokenUsage | None = None
         model: str | None = None
         calls = _ToolCalls()
-        lines = response.aiter_lines()
+        lines = _lines(_body(response))
         named: object = None
         try:
             async for chunk in _chunks(lines):
@@ -307,43 +310,84 @@ class _ToolCalls:
         return tuple(calls)
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
+async def _drain(lines: AsyncIterator[bytes]) -> None:
     """Read what follows `[DONE]` (the end of the chunked body), so that the connection goes
     back to the pool instead of being closed: a new one to a provider costs a TLS handshake.
     An upstream that keeps the body open after `[DONE]` loses its connection instead."""
-    with contextlib.suppress(TimeoutError, *_HTTP_ERRORS):
+    with contextlib.suppress(TimeoutError, ValueError, *_HTTP_ERRORS):
         async with asyncio.timeout(DRAIN_TIMEOUT):
             async for _ in lines:
                 pass
 
 
-async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+MAX_LINE_BYTES = 8 * 1024 * 1024
+"""The longest line of an upstream's event stream: a chunk carrying all of a response's tool
+call arguments fits several times over; a line that never ends is cut off, not held."""
+
+
+def _body(response: httpx.Response | httpx2.Response) -> AsyncIterator[bytes]:
+    """The body as it comes, or decoded when the server compressed it anyway."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    return response.aiter_raw() if encoding in ("", "identity") else response.aiter_bytes()
+
+
+async def _lines(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The lines of an event stream, as bytes, whichever of LF, CRLF or CR ends them: one
+    generator over the body instead of the client's four (bytes, text, lines), each of which
+    costs a resumption per token."""
+    pending = b""
+    async for block in body:
+        lines = (pending + block if pending else block).split(b"\n")
+        pending = lines.pop()
+        if len(pending) > MAX_LINE_BYTES:
+            raise ValueError(f"an event stream line longer than {MAX_LINE_BYTES} bytes")
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if b"\r" in line:  # lines ended by CR alone
+                for part in line.split(b"\r"):
+                    yield part
+            else:
+                yield line
+    if pending:
+        for part in pending.rstrip(b"\r").split(b"\r"):
+            yield part
+
+
+async def _chunks(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a Chat Completions event stream, up to `[DONE]`."""
-    data: list[str] = []
-    event: str | None = None
+    data: list[bytes] = []
+    event: bytes | None = None
     async for line in lines:
         if line:
-            field, _, value = line.partition(":")
-            if field == "data":
-                data.append(value.removeprefix(" "))
-            elif field == "event":
-                event = value.removeprefix(" ")
+            field, _, value = line.partition(b":")
+            if value.startswith(b" "):
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                event = value
             continue  # comments (": ping"), id and retry lines
         if data:
-            payload, data = "\n".join(data), []
-            if payload == "[DONE]":
+            payload, data = b"\n".join(data), []
+            if payload == b"[DONE]":
                 return
             yield _chunk(payload, event)
         event = None
-    if data and (payload := "\n".join(data)) != "[DONE]":
+    if data and (payload := b"\n".join(data)) != b"[DONE]":
         yield _chunk(payload, event)  # a last event without its blank line
 
 
-def _chunk(payload: str, event: str | None) -> dict[str, Any]:
-    chunk = json.loads(payload)
+def _chunk(payload: bytes, event: bytes | None) -> dict[str, Any]:
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # What orjson refuses and the standard parser takes: bytes that are not UTF-8
+        # (replaced, as a text decoder would), NaN, integers past 64 bits.
+        chunk = json.loads(payload.decode("utf-8", "replace"))
     if not isinstance(chunk, dict):
         raise ValueError("a chunk is not a JSON object")
-    if event == "error" or chunk.get("error"):
+    if event == b"error" or chunk.get("error"):
         raise UpstreamReportedError()
     return chunk
 
@@ -458,6 +502,19 @@ def _upstream_detail(exc: openai.APIStatusError, what: str) -> str:
     return f"{detail}: {message}" if message and shareable(message) else detail
 
 
+def _refused_connection(exc: BaseException) -> bool:
+    """Whether aiohttp failed to connect or lost the connection, which the aiohttp transport
+    reports as a timeout (its map of errors takes the first that matches)."""
+    cause = exc.__cause__
+    for _ in range(4):
+        if cause is None:
+            return False
+        if isinstance(cause, aiohttp.ClientError):
+            return not isinstance(cause, TimeoutError)
+        cause = cause.__cause__
+    return False
+
+
 def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError:
     """Map every provider or network failure once: 429, 504, 503 or 502."""
     if isinstance(exc, openai.RateLimitError):
@@ -466,7 +523,7 @@ def upstream_error(exc: Exception, *, mid_stream: bool = False) -> UpstreamError
         if retry_after and retry_after.strip().isdigit():
             headers["Retry-After"] = retry_after.strip()
         return UpstreamRateLimited(headers=headers or None)
-    if isinstance(exc, (openai.APITimeoutError, *_TIMEOUTS)):
+    if isinstance(exc, (openai.APITimeoutError, *_TIMEOUTS)) and not _refused_connection(exc):
         return UpstreamTimeout()
     if mid_stream and isinstance(exc, (openai.APIConnectionError, *_TRANSPORT_ERRORS)):
         return UpstreamDisconnected()
