@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     MetaData,
     TypeDecorator,
+    bindparam,
     event,
     func,
     select,
@@ -51,7 +52,10 @@ async def take_turns(session: AsyncSession, key: str) -> None:
     transaction that has written holds every other write off until it ends, so there the
     caller writes before it reads what it decides on."""
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
+        await session.execute(_advisory_lock, {"key": key})
+
+
+_advisory_lock = select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key"), 0)))
 
 
 def changed_rows(result: object) -> int:

@@ -7,9 +7,9 @@ from datetime import timedelta
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import delete, update
+from sqlalchemy import delete, event, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.models import Conversation
@@ -275,6 +275,16 @@ class _FirstCommitFails(AsyncSession):
 
     failures = 1
     landing = False
+
+    async def connection(self, *args: Any, **kwargs: Any) -> AsyncConnection:
+        # A statement that is a transaction of its own (the end of a reply on PostgreSQL) asks
+        # for an autocommit connection first: a failure that does not land happens there.
+        options = kwargs.get("execution_options") or {}
+        autocommit = options.get("isolation_level") == "AUTOCOMMIT"
+        if autocommit and _FirstCommitFails.failures and not _FirstCommitFails.landing:
+            _FirstCommitFails.failures -= 1
+            raise OperationalError("BEGIN", {}, ConnectionError("database went away"))
+        return await super().connection(*args, **kwargs)
 
     async def commit(self) -> None:
         if _FirstCommitFails.failures:
@@ -568,3 +578,35 @@ async def test_a_reply_past_the_longest_stored_is_cut_there_and_incomplete(
     assert stored["content"] == ("word " * 10)[:50]
     assert streamed_text(events) == stored["content"]
     assert events[-1].event == "error"
+
+
+async def test_a_turn_takes_few_statements_and_its_end_one_on_postgresql(
+    service: Service,
+) -> None:
+    # Each statement is a round trip (on SQLite a hand-off to its thread): a turn's are
+    # counted, so that one added on the way to the model or at its end is seen.
+    conversation = await service.create_conversation()
+    assert (await service.send(conversation["id"], "hello")).status_code == 201
+    await service.state.chores.idle()  # the first turn's title is written
+    statements: list[str] = []
+
+    def executed(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    engine = service.state.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", executed)
+    try:
+        response = await service.send(conversation["id"], "hello again")
+        assert response.status_code == 201
+        await service.state.chores.idle()
+    finally:
+        event.remove(engine, "before_cursor_execute", executed)
+    if engine.dialect.name == "postgresql":
+        # The user's turn lock, the claim, the history, both messages; the end, the release
+        # and the day's usage in one.
+        assert statements == ["SELECT", "UPDATE", "SELECT", "INSERT", "WITH"]
+    else:  # SQLite's one writer is the lock
+        assert statements == ["UPDATE", "SELECT", "INSERT", "UPDATE", "UPDATE", "INSERT"]
+    stored = (await service.messages(conversation["id"]))[-1]
+    assert stored["status"] == "completed"
+    assert (await day_usage(service.state.sessionmaker, "alice")) > 0

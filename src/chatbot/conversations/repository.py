@@ -1,8 +1,19 @@
 import uuid
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.errors import TooManyConversations
@@ -94,23 +105,16 @@ async def claim_reply(
     await _take_user_turns(session, user_id)
     now = utcnow()
     claimed: Conversation | None = await session.scalar(
-        update(Conversation)
-        .where(
-            Conversation.id == conversation_id,
-            Conversation.user_id == user_id,
-            Conversation.active_reply_id.is_(None),
-            running_replies_of(user_id).scalar_subquery() < max_running,
-        )
-        .values(
-            active_reply_id=reply_id,
-            reserved_tokens=0,
-            message_count=Conversation.message_count + 2,
-            updated_at=now,
-            last_message_at=now,
-        )
-        .returning(Conversation)
+        _claim,
+        {
+            "conversation_id": conversation_id,
+            "owner": user_id,
+            "max_running": max_running,
+            "reply_id": reply_id,
+            "now": now,
+        },
         # The returned row is the state; matching it against loaded objects costs CPU for nothing.
-        .execution_options(populate_existing=True, synchronize_session=False)
+        execution_options={"populate_existing": True},
     )
     return claimed
 
@@ -148,13 +152,13 @@ async def hold_reply(
 async def release_reply(
     session: AsyncSession, conversation_id: uuid.UUID, reply_id: uuid.UUID
 ) -> None:
-    now = utcnow()
-    await session.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.active_reply_id == reply_id)
-        .values(active_reply_id=None, reserved_tokens=0, updated_at=now, last_message_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    await session.execute(RELEASE, release_parameters(conversation_id, reply_id))
+
+
+def release_parameters(conversation_id: uuid.UUID, reply_id: uuid.UUID) -> dict[str, Any]:
+    # Named apart from any column: statements that execute with these parameters may update
+    # another table, whose columns SQLAlchemy would take them for.
+    return {"freed_conversation": conversation_id, "reply_id": reply_id, "now": utcnow()}
 
 
 async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> None:
@@ -168,15 +172,54 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
 _others = cast(Table, Conversation.__table__).alias("others")
 
 
-def _running(user_id: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+def _running(
+    user_id: str | BindParameter[str],
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """The user's conversations with a reply under way: what the partial index holds."""
     return _others.c.user_id == user_id, _others.c.active_reply_id.is_not(None)
 
 
-def running_replies_of(user_id: str) -> Select[int]:
+def running_replies_of(user_id: str | BindParameter[str]) -> Select[int]:
     """How many of the user's conversations have a reply under way: the statement the cap
     counts with, which the partial index answers from those conversations alone."""
     return select(func.count()).select_from(_others).where(*_running(user_id))
+
+
+# Built once: building a statement costs more CPU than executing it (its cache key is
+# memoized on the object, so a statement reused is also looked up in the compiled cache at once).
+_claim = (
+    update(Conversation)
+    .where(
+        Conversation.id == bindparam("conversation_id"),
+        Conversation.user_id == bindparam("owner"),
+        Conversation.active_reply_id.is_(None),
+        running_replies_of(bindparam("owner")).scalar_subquery() < bindparam("max_running"),
+    )
+    .values(
+        active_reply_id=bindparam("reply_id"),
+        reserved_tokens=0,
+        message_count=Conversation.message_count + 2,
+        updated_at=bindparam("now"),
+        last_message_at=bindparam("now"),
+    )
+    .returning(Conversation)
+    .execution_options(synchronize_session=False)
+)
+RELEASE = (
+    # A reply's conversation freed, if the reply still holds it (`release_parameters`).
+    update(Conversation)
+    .where(
+        Conversation.id == bindparam("freed_conversation"),
+        Conversation.active_reply_id == bindparam("reply_id"),
+    )
+    .values(
+        active_reply_id=None,
+        reserved_tokens=0,
+        updated_at=bindparam("now"),
+        last_message_at=bindparam("now"),
+    )
+    .execution_options(synchronize_session=False)
+)
 
 
 def reserved_by_others(user_id: str, conversation_id: uuid.UUID) -> Select[int]:

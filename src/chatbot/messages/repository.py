@@ -1,6 +1,6 @@
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.messages.models import Message, Role
@@ -29,16 +29,27 @@ async def newest_first(
 ) -> list[Message]:
     """Up to `limit` messages strictly between two positions, newest first, from the index."""
     rows = await session.scalars(
-        select(Message)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.seq < before_seq,
-            Message.seq > after_seq,
-        )
-        .order_by(Message.seq.desc())
-        .limit(limit)
+        _newest_first,
+        {
+            "conversation_id": conversation_id,
+            "before_seq": before_seq,
+            "after_seq": after_seq,
+            "limit": limit,
+        },
     )
     return list(rows)
+
+
+_newest_first = (
+    select(Message)
+    .where(
+        Message.conversation_id == bindparam("conversation_id"),
+        Message.seq < bindparam("before_seq"),
+        Message.seq > bindparam("after_seq"),
+    )
+    .order_by(Message.seq.desc())
+    .limit(bindparam("limit"))
+)
 
 
 async def between(

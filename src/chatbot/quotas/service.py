@@ -9,16 +9,28 @@ other running replies' reservations, so running replies together never spend mor
 quota (give or take the provider's count of the prompt).
 """
 
+import functools
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any, cast
 
 from limits import RateLimitItem, parse, storage
 from limits.aio.strategies import FixedWindowRateLimiter
-from sqlalchemy import func, select, update
+from sqlalchemy import (
+    Date,
+    Insert,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -261,12 +273,27 @@ async def record_usage(session: AsyncSession, user_id: str, tokens: int) -> None
     """Add a reply's tokens to the user's day, in the caller's transaction."""
     if tokens <= 0:
         return
-    dialect = session.get_bind().dialect.name
+    statement = usage_added(session.get_bind().dialect.name)
+    await session.execute(statement, usage_parameters(user_id, tokens))
+
+
+def usage_parameters(user_id: str, tokens: int) -> dict[str, Any]:
+    """The parameters of `usage_added`: `tokens` more for the user today."""
+    return {"owner": user_id, "today": _today(), "tokens": tokens}
+
+
+@functools.cache
+def usage_added(dialect: str) -> Insert:
+    """The upsert that adds tokens to a user's day (none when there are none to add), built
+    once per dialect; a statement of its own, or part of one (`replies.repository`)."""
     insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert(DailyUsage).values(user_id=user_id, day=_today(), total_tokens=tokens)
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[DailyUsage.user_id, DailyUsage.day],
-            set_={"total_tokens": DailyUsage.total_tokens + tokens},
-        )
+    days = cast(Table, DailyUsage.__table__)
+    tokens = bindparam("tokens", type_=Integer)
+    added = select(bindparam("owner", type_=String), bindparam("today", type_=Date), tokens)
+    statement = insert(days).from_select(
+        [days.c.user_id, days.c.day, days.c.total_tokens], added.where(tokens > 0)
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[days.c.user_id, days.c.day],
+        set_={"total_tokens": days.c.total_tokens + statement.excluded.total_tokens},
     )

@@ -305,8 +305,15 @@ class ReplyStore:
         self, reply: LiveReply, values: dict[str, Any], tokens: int
     ) -> Message | None:
         async with self._sessionmaker() as session:
-            stored = await repository.finish(session, reply.ref, Mover.RUNNER, values)
-            await quotas.record_usage(session, reply.ref.user_id, tokens)
+            if session.get_bind().dialect.name == "postgresql":
+                stored = await repository.finish_at_once(
+                    session, reply.ref, Mover.RUNNER, values, tokens=tokens
+                )
+            else:
+                stored = await repository.finish(session, reply.ref, Mover.RUNNER, values)
+                await quotas.record_usage(session, reply.ref.user_id, tokens)
+            # After finish_at_once, nothing for the database to commit (the statement was a
+            # transaction of its own); it ends the session's.
             await session.commit()
         return stored
 
