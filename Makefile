@@ -35,6 +35,7 @@ bench: install bench-env
 	$(BIN)/python bench/overhead.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/capacity.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/throughput.py --database-url $(BENCH_DATABASE_URL)
+	$(BIN)/python bench/cpu.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/instances.py --database-url $(BENCH_DATABASE_URL)
 	$(BIN)/python bench/growth.py --databases sqlite,$(BENCH_DATABASE_URL)
 	$(BIN)/python bench/ratelimit.py

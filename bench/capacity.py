@@ -1,11 +1,13 @@
 """Capacity: how many concurrent streams one worker holds, and the memory each open stream costs.
 
-Four processes share the machine's two cores: the fake OpenAI-compatible upstream
+Five processes share the machine's two cores: the fake OpenAI-compatible upstream
 (`bench/harness/upstream.py`, `--ttft-ms` before the first token, then `--tokens` tokens at
 `--tokens-per-second`), the service on SQLite and on PostgreSQL (`chatbot serve`, one worker,
-JWT on, limits out of the way), the LiteLLM proxy from its own venv (`make bench-env`) relaying to
-the same upstream, and this one, the client. `direct` (the upstream called directly) is always
-measured: it is the ceiling of the harness itself (upstream and client), not of a service.
+JWT on, limits out of the way), the lean reference server on PostgreSQL (`bench/lean.py`: the
+essential work of a turn only, the floor ours is held against), the LiteLLM proxy from its own
+venv (`make bench-env`) relaying to the same upstream, and this one, the client. `direct` (the
+upstream called directly) is always measured: it is the ceiling of the harness itself (upstream
+and client), not of a service.
 
 Levels go up. At each level every configuration still in the race runs once, alone, in an order
 that rotates from level to level: N clients each keep one stream open at all times (send, read
@@ -70,7 +72,7 @@ from harness.scenario import (
     run_scenario,
     scenario_parser,
 )
-from harness.servers import DIRECT, LITELLM, OURS, Servers, is_ours
+from harness.servers import DIRECT, LITELLM, OURS, Servers, is_ours, lean_peer
 from harness.targets import Slot, Target, make_slots, prepare_conversations
 from harness.upstream import ReplyShape
 
@@ -164,7 +166,7 @@ async def _stream(phase: Phase, slot: Slot) -> None:
     """One streamed reply read to its end, its token gaps recorded; StreamError if it fails."""
     target = phase.configuration
     connection = slot.connection(target.name, target.port)
-    count = _content_tokens_ours if target.ours else _content_tokens_openai
+    count = _content_tokens_ours if target.speaks_ours else _content_tokens_openai
     end_marker, error_marker = target.end_marker, target.error_marker
     path, body, headers = target.request(slot, MODEL)
     gaps, counted_from, counted_to = phase.gaps, phase.counted_from, phase.counted_to
@@ -365,6 +367,11 @@ def _summarize(
         if rss_kib is None
         else round((rss_kib - idle_kib) / phase.streams, 1),
         "cpu_pct_of_one_core": {name: round(100 * share) for name, share in phase.cpu.items()},
+        # Under load the server never waits idle for a token: its CPU per token delivered
+        # (each reply's own work, its start and its end, spread over its tokens).
+        "server_cpu_us_per_token": round(phase.cpu["server"] * window / phase.tokens * 1e6)
+        if phase.tokens and "server" in phase.cpu
+        else None,
         "machine": phase.machine,
     }
 
@@ -383,7 +390,7 @@ async def _measure(
     try:
         for configuration in configurations:
             # Every client's conversations first: what they leave in memory is part of idle.
-            if configuration.ours:
+            if configuration.speaks_ours:
                 started = time.monotonic()
                 await _prepare(configuration, slots, args.levels, turns_per_level)
                 print(
@@ -485,6 +492,27 @@ def _targets(levels: dict[str, dict[str, Any]], names: list[str]) -> dict[str, d
     return targets
 
 
+def _ratios_to_lean(
+    levels: dict[str, dict[str, Any]], capacity: dict[str, int]
+) -> dict[str, dict[str, Any]]:
+    """Each of ours over the lean server on the same database: capacity, and memory per open
+    stream (each at its own highest level passed)."""
+    ratios: dict[str, dict[str, Any]] = {}
+    for name in capacity:
+        lean = lean_peer(name)
+        if lean not in capacity:
+            continue
+        ours, theirs = _memory_per_stream(levels, name), _memory_per_stream(levels, lean)
+        ratios[name] = {
+            "against": lean,
+            "capacity": round(capacity[name] / capacity[lean], 2) if capacity[lean] else None,
+            "kib_per_stream": round(ours[1] / theirs[1], 2)
+            if ours is not None and theirs is not None and theirs[1] > 0
+            else None,
+        }
+    return ratios
+
+
 def _markdown(result: dict[str, Any]) -> str:
     method = result["method"]
     reply = method["reply"]
@@ -508,15 +536,17 @@ def _markdown(result: dict[str, Any]) -> str:
         )
         + ". Tokens/s: delivered in the window, and its share of what the streams would get "
         "with every reply on time. KiB/stream = (median RSS of the server's processes in the "
-        "window - idle RSS) / streams."
+        "window - idle RSS) / streams. us/token: the server's CPU in the window over the "
+        "tokens it delivered (the replies' starts and ends spread over their tokens)."
         + (f" LiteLLM {result['litellm_version']}." if result["litellm_version"] else "")
         + f" The server, the fake upstream and the client share the machine's {result['cores']}"
         " cores, so their CPU shares (% of one core: server / upstream / client) bound the "
-        "result; `direct` is the harness's own ceiling.",
+        "result; `direct` is the harness's own ceiling, `lean-*` the lean reference server "
+        "(`bench/lean.py`: the essential work of a turn only), the floor ours is held against.",
         "",
         "| streams | configuration | gap p50 | gap p95 | gap p99 | TTFT p95 | failures "
-        "| tokens/s | RSS | KiB/stream | CPU server / upstream / client | passed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tokens/s | RSS | KiB/stream | CPU server / upstream / client | us/token | passed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
     for level in result["levels"].values():
@@ -531,6 +561,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"| {fmt(gap['p99'])} | {fmt(row['ttft_ms']['p95'])} | {row['failures']} "
                 f"| {row['tokens_per_s']:g} ({share:.0%}) | {fmt(row['rss_mib'], ' MiB')} "
                 f"| {fmt(row['kib_per_stream'], '')} | {shares} "
+                f"| {fmt(row.get('server_cpu_us_per_token'), '')} "
                 f"| {'yes' if row['passed'] else 'no'} |"
             )
     pool = method["ours_upstream_max_connections"]
@@ -549,6 +580,13 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(f"- capacity of {name}: {shown}")
     for name, ratio in result["ratio_ours_to_litellm_capacity"].items():
         lines.append(f"- {name} / LiteLLM capacity: {'-' if ratio is None else f'{ratio:.2f}'}")
+    for name, ratio in result.get("ratio_ours_to_lean", {}).items():
+        capacity, memory = ratio["capacity"], ratio["kib_per_stream"]
+        lines.append(
+            f"- {name} / {ratio['against']}: capacity "
+            f"{'-' if capacity is None else f'{capacity:.2f}'}, memory per open stream "
+            f"{'-' if memory is None else f'{memory:.2f}'}"
+        )
     lines.append("")
     for name, target in result["targets"].items():
         measured = target["measured"]
@@ -599,6 +637,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "measured_at": measured_at(),
         "cores": os.cpu_count(),
         "litellm_version": litellm_version,
+        "ratio_ours_to_lean": _ratios_to_lean(levels, capacity),
         "method": {
             "reply": shape.describe(),
             "ttft_ms": args.ttft_ms,
@@ -627,7 +666,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = scenario_parser(__doc__, "bench_capacity", [DIRECT, *OURS, LITELLM])
+    parser = scenario_parser(
+        __doc__, "bench_capacity", [DIRECT, *OURS, "lean-postgres-aiohttp", LITELLM]
+    )
     parser.add_argument(
         "--levels",
         type=comma_list(int),

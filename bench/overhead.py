@@ -1,12 +1,13 @@
 """Overhead on time to first token: ours and LiteLLM against the upstream called directly.
 
-Five processes: the fake OpenAI-compatible upstream (`bench/harness/upstream.py`, `--ttft-ms`
+Six processes: the fake OpenAI-compatible upstream (`bench/harness/upstream.py`, `--ttft-ms`
 before the first token), the service on SQLite and on PostgreSQL (`chatbot serve`, JWT on,
-limits out of the way), the LiteLLM proxy from its own venv (`make bench-env`) relaying to the
-same upstream, and this one, the client. The client reads every stream over its own lean
-HTTP/1.1 connection and stops the clock at the first content delta: an OpenAI chunk with
-content for the upstream and LiteLLM, the first `delta` event for ours (POST .../messages,
-pre-created conversations).
+limits out of the way), the lean reference server on PostgreSQL (`bench/lean.py`: the essential
+work of a turn only, the floor ours is held against), the LiteLLM proxy from its own venv (`make
+bench-env`) relaying to the same upstream, and this one, the client. The client reads every
+stream over its own lean HTTP/1.1 connection and stops the clock at the first content delta: an
+OpenAI chunk with content for the upstream and LiteLLM, the first `delta` event for ours and the
+lean server (POST .../messages, pre-created conversations).
 
 - Sequential: one stream at a time, short replies; each round sends one request to every
   configuration, in an order that rotates from round to round. Added = TTFT of the
@@ -48,7 +49,7 @@ from harness.scenario import (
     run_scenario,
     scenario_parser,
 )
-from harness.servers import DIRECT, LITELLM, OURS, Servers
+from harness.servers import DIRECT, LITELLM, OURS, Servers, lean_peer
 from harness.targets import Slot, Target, make_slots, prepare_conversations
 from harness.upstream import ReplyShape
 
@@ -94,7 +95,7 @@ async def _turn(target: Target, slot: Slot, model: str) -> float:
                     ttft_ms = (arrived - started) * 1000
             window = previous[-32:] + chunk
             ended = ended or target.end_marker in window
-            failed = failed or (target.ours and b"event: error" in window)
+            failed = failed or (target.speaks_ours and b"event: error" in window)
             previous = chunk
     except BaseException:
         connection.close()  # whatever state it was left in, start afresh
@@ -292,23 +293,34 @@ def _counted(phase: Phase) -> list[float]:
     return [ttft for _, ttft, _ in _counted_samples(phase)]
 
 
-def _ratios(level: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """Ours over LiteLLM, added milliseconds, per database and percentile."""
-    ratios: dict[str, dict[str, float | None]] = {}
+def _ratios(level: dict[str, Any], peer: str | None = LITELLM) -> dict[str, dict[str, Any]]:
+    """Ours over `peer` (LiteLLM; None: the lean server on the same database), added
+    milliseconds, per database and percentile; on the sequential level also the server CPU per
+    turn."""
+    ratios: dict[str, dict[str, Any]] = {}
     targets = level["targets"]
-    if LITELLM not in targets:
-        return ratios
-    theirs = targets[LITELLM]["added_ms"]
     for name in OURS:
-        if name in targets:
-            ours = targets[name]["added_ms"]
-            ratios[name] = {
-                key: round(ours[key] / theirs[key], 3)
-                if ours[key] is not None and theirs[key] is not None and theirs[key] > 0
-                else None
-                for key in ("p50", "p95", "p99")
-            }
+        other = peer or lean_peer(name)
+        if name not in targets or other not in targets:
+            continue
+        ours, theirs = targets[name], targets[other]
+        ratios[name] = {
+            key: _ratio(ours["added_ms"][key], theirs["added_ms"][key])
+            for key in ("p50", "p95", "p99")
+        }
+        if peer is None:
+            ratios[name]["against"] = other
+            if "server_cpu_ms_per_turn" in ours:
+                cpu = _ratio(ours["server_cpu_ms_per_turn"], theirs["server_cpu_ms_per_turn"])
+                ratios[name]["server_cpu_per_turn"] = cpu
     return ratios
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    """None unless both were measured and the divisor is positive (added TTFT can be below 0)."""
+    return (
+        round(ours / theirs, 3) if ours is not None and theirs is not None and theirs > 0 else None
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -328,17 +340,19 @@ def _markdown(result: dict[str, Any]) -> str:
         f"each concurrency level new streams arrive at about {upstream['arrivals_per_second']:g}"
         f"/s. LiteLLM {result['litellm_version']}. Added = TTFT minus the direct call's in the "
         "same round (sequential) or its median in the same round (concurrent; the direct row "
-        "then shows the noise floor).",
+        "then shows the noise floor). `lean-*` is the lean reference server (`bench/lean.py`: "
+        "the essential work of a turn, the floor); ours / lean compares the same database.",
         "",
         "| streams | configuration | TTFT p50 | added p50 | added p95 | added p99 "
-        "| ours / LiteLLM (p50) | server CPU | samples | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ours / LiteLLM (p50) | ours / lean (p50) | server CPU | samples | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for level in result["levels"].values():
-        ratios = level["ratio_ours_to_litellm"]
+        ratios, to_lean = level["ratio_ours_to_litellm"], level.get("ratio_ours_to_lean", {})
         for name, row in level["targets"].items():
             added = row["added_ms"] or {"p50": None, "p95": None, "p99": None}
             ratio = ratios.get(name, {}).get("p50")
+            lean = to_lean.get(name, {}).get("p50")
             if level["streams"] == 1:
                 cpu = fmt(row["server_cpu_ms_per_turn"], " ms/turn")
             else:
@@ -347,10 +361,18 @@ def _markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {level['streams']} | {name} | {fmt(row['ttft_ms']['p50'])} "
                 f"| {fmt(added['p50'])} | {fmt(added['p95'])} | {fmt(added['p99'])} "
-                f"| {'-' if ratio is None else f'{ratio:.2f}'} | {cpu} | {row['samples']} "
+                f"| {'-' if ratio is None else f'{ratio:.2f}'} "
+                f"| {'-' if lean is None else f'{lean:.2f}'} | {cpu} | {row['samples']} "
                 f"| {row['errors']} |"
             )
-    lines += ["", *met_lines(result["targets_met"])]
+    sequential = result["levels"].get("sequential", {}).get("ratio_ours_to_lean", {})
+    notes = [
+        f"- {name} / {ratio['against']}: server CPU per turn {ratio['server_cpu_per_turn']:.2f}x "
+        "(1 stream)"
+        for name, ratio in sequential.items()
+        if ratio.get("server_cpu_per_turn") is not None
+    ]
+    lines += ["", *notes, *met_lines(result["targets_met"])]
     return "\n".join(lines) + "\n"
 
 
@@ -398,6 +420,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         litellm_version = servers.litellm_version()
     for level in levels.values():
         level["ratio_ours_to_litellm"] = _ratios(level)
+        level["ratio_ours_to_lean"] = _ratios(level, None)
     return {
         "measured_at": measured_at(),
         "cores": os.cpu_count(),
@@ -465,7 +488,9 @@ def _progress(level: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = scenario_parser(__doc__, "chatbot_bench_overhead", [DIRECT, *OURS, LITELLM])
+    parser = scenario_parser(
+        __doc__, "chatbot_bench_overhead", [DIRECT, *OURS, "lean-postgres-aiohttp", LITELLM]
+    )
     parser.add_argument("--levels", type=comma_list(int), default=[50, 200])
     add_streaming_options(parser)
     parser.add_argument(

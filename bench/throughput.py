@@ -4,8 +4,9 @@ The fake upstream (`bench/harness/upstream.py`) answers at once: no wait before 
 token, the whole reply in one go. What is left is the cost of a turn to the service itself:
 the request, its checks, the claim of the conversation, the history, the two stored messages,
 the call to the model, the stored reply. Configurations: the service on SQLite and on
-PostgreSQL, with one worker process and with two (`--workers 2`), and the upstream called
-directly (the limit of this machine with this client).
+PostgreSQL, with one worker process and with two (`--workers 2`), the lean reference server on
+PostgreSQL (`bench/lean.py`: the essential work of a turn only, one worker, the floor ours is
+held against), and the upstream called directly (the limit of this machine with this client).
 
 Each client is a user of its own: it opens a conversation with a first turn (`POST /v1/chat`,
 titled, so no title is generated), sends `--turns-per-conversation` turns into it (`POST
@@ -37,13 +38,20 @@ from harness.clients import TurnError, run_client_loop, user_token
 from harness.processes import MachineLoad, cpu_seconds
 from harness.report import measured_at, percentiles
 from harness.scenario import finish, parse_scenario_args, rotated, run_scenario, scenario_parser
-from harness.servers import DIRECT, Server, Servers, is_ours
+from harness.servers import DIRECT, Server, Servers, lean_peer, speaks_ours
 from harness.targets import Slot
 from harness.upstream import ReplyShape
 
 SCENARIO = "throughput"
 MODEL = "bench-instant"
-CONFIGURATIONS = [DIRECT, "ours-sqlite", "ours-sqlite-x2", "ours-postgres", "ours-postgres-x2"]
+CONFIGURATIONS = [
+    DIRECT,
+    "ours-sqlite",
+    "ours-sqlite-x2",
+    "ours-postgres",
+    "ours-postgres-x2",
+    "lean-postgres-aiohttp",
+]
 
 
 @dataclass
@@ -67,7 +75,7 @@ class Phase:
 def _request(server: Server, client: Client, turns_per_conversation: int) -> tuple[str, bytes]:
     number = client.turns[server.name] = client.turns.get(server.name, 0) + 1
     text = f"client {client.index} turn {number}: what is the capital of France?"
-    if not is_ours(server.name):
+    if not speaks_ours(server.name):
         body = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
         return "/v1/chat/completions", json.dumps(body).encode()
     conversation = client.conversation.get(server.name)
@@ -89,7 +97,7 @@ async def _turn(server: Server, client: Client, turns_per_conversation: int) -> 
         raise
     if status not in (200, 201):
         raise TurnError(f"{server.name} {path}: HTTP {status}: {payload[:200]!r}")
-    if is_ours(server.name):
+    if speaks_ours(server.name):
         answer = json.loads(payload)
         if answer["assistant_message"]["status"] != "completed":
             raise TurnError(f"{server.name}: reply {answer['assistant_message']['status']}")
@@ -210,6 +218,11 @@ def _markdown(result: dict[str, Any]) -> str:
             f"| {row['server_cores']:.2f} cores | {row['client_cores']:.2f} cores "
             f"| {row['errors']} |"
         )
+    to_lean = result["ratios"].get("ours_to_lean", {})
+    lines += [""] if to_lean else []
+    for name, ratio in to_lean.items():
+        shown = "-" if ratio is None else f"{ratio:.2f}x the turns/s"
+        lines.append(f"- {name} / {lean_peer(name)} (one worker each): {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +247,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "sqlite_two_workers_to_one": _ratio(summary, "ours-sqlite-x2", "ours-sqlite"),
             "postgres_two_workers_to_one": _ratio(summary, "ours-postgres-x2", "ours-postgres"),
             "postgres_to_sqlite": _ratio(summary, "ours-postgres", "ours-sqlite"),
+            "ours_to_lean": {
+                name: _ratio(summary, name, lean)
+                for name in summary
+                if (lean := lean_peer(name)) is not None and lean in summary
+            },
         },
     }
 

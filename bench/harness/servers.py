@@ -7,6 +7,11 @@
   users sending a lot), `service_settings={}` keeps the service's own defaults (the load test);
   `ours-sqlite-x2`, `ours-postgres-x2`: the same with two worker processes (`--workers 2`),
   each configuration on a database of its own;
+- `lean-sqlite-aiohttp`, `lean-postgres-aiohttp`: the lean reference server (`bench/lean.py`),
+  the floor ours is held against: the essential work of a turn in our API's shapes, one
+  worker, JWT on with the same secret, each on a database of its own, reading the upstream
+  through aiohttp as ours does; `lean-sqlite`, `lean-postgres`: the same through httpx2 (the
+  `openai` client's default transport, which ours used before);
 - `litellm`: the LiteLLM proxy (`harness/litellm.py`) relaying to it;
 - a `redis-server` of the scenario's own (`RedisServer`), for instances of ours that share it.
 """
@@ -30,9 +35,11 @@ from .upstream import UTILITY_MODEL, ReplyShape
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_SCRIPT = Path(__file__).resolve().with_name("upstream.py")
+LEAN_SCRIPT = Path(__file__).resolve().parents[1] / "lean.py"
 
 DIRECT = "direct"
 OURS = ("ours-sqlite", "ours-postgres")
+LEAN = ("lean-sqlite", "lean-postgres")
 LITELLM = "litellm"
 
 
@@ -50,7 +57,27 @@ class Server:
 
 
 def is_ours(name: str) -> bool:
+    """Our service (`chatbot serve`): its settings, migrations and workers."""
     return name.startswith("ours-")
+
+
+def is_lean(name: str) -> bool:
+    """The lean reference server (`bench/lean.py`)."""
+    return name.startswith("lean-")
+
+
+def speaks_ours(name: str) -> bool:
+    """A server of our API (conversations, SSE events): ours or the lean one."""
+    return is_ours(name) or is_lean(name)
+
+
+def lean_peer(name: str) -> str | None:
+    """The lean configuration one of ours is held against: the same database and transport,
+    one worker (`ours-postgres` -> `lean-postgres-aiohttp`); None for a configuration of more
+    workers or none of ours."""
+    if not is_ours(name) or workers_of(name) != 1:
+        return None
+    return f"lean-{name.removeprefix('ours-')}-aiohttp"
 
 
 def workers_of(name: str) -> int:
@@ -157,14 +184,15 @@ class Servers:
         self.master_key = "sk-bench-" + secrets.token_hex(16)
         self.servers: dict[str, Server] = {}
         self.database_urls: dict[str, str] = {}
-        """The database each of ours runs on, as the service names it."""
+        """The database each of ours (and each lean one) runs on, as the service names it."""
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs = contextlib.ExitStack()
 
     def __enter__(self) -> "Servers":
         litellm = litellm_executable(self.peers_venv) if LITELLM in self.names else None
         ours = [name for name in self.names if is_ours(name)]
-        everyone = [DIRECT, *ours, LITELLM]
+        lean = [name for name in self.names if is_lean(name)]
+        everyone = [DIRECT, *ours, *lean, LITELLM]
         ports = dict(zip(everyone, free_ports(len(everyone)), strict=True))
         try:
             upstream = [
@@ -184,14 +212,16 @@ class Servers:
                     shared = env["DATABASE_URL"]
                 process = start_service(env, self._log(name), self.service_profile)
                 self._started(name, ports[name], process)
+            for name in lean:
+                self._start(name, ports[name], self._lean_command(name, ports), ROOT)
             if litellm is not None:
                 options = litellm_options(self.workdir, ports[LITELLM], ports[DIRECT], self.shapes)
                 env = litellm_env(self.master_key)
                 self._start(LITELLM, ports[LITELLM], [str(litellm), *options], self.workdir, env)
             wait_for_port(ports[DIRECT], self._processes[DIRECT], "the fake upstream")
-            for name in ours:
+            for name in [*ours, *lean]:
                 url = f"http://127.0.0.1:{ports[name]}/readyz"
-                wait_for_http(url, self._processes[name], "the service", 60)
+                wait_for_http(url, self._processes[name], name, 60)
             if LITELLM in self._processes:
                 url = f"http://127.0.0.1:{ports[LITELLM]}/health/liveliness"
                 wait_for_http(url, self._processes[LITELLM], "LiteLLM", 120)
@@ -241,6 +271,23 @@ class Servers:
     def _started(self, name: str, port: int, process: subprocess.Popen[bytes]) -> None:
         self._processes[name] = process
         self.servers[name] = Server(name, port, process.pid)
+
+    def _lean_command(self, name: str, ports: dict[str, int]) -> list[str]:
+        """`bench/lean.py` on a database of its own, created afresh like ours'."""
+        target = SQLITE if SQLITE in name else self.database_url
+        database = f"{self.pg_database}_{name.replace('-', '_')}"
+        database_url = asyncio.run(prepare_database(target, database, self.workdir, name))
+        self.database_urls[name] = database_url
+        return [
+            sys.executable,
+            str(LEAN_SCRIPT),
+            f"--port={ports[name]}",
+            f"--database-url={database_url}",
+            f"--upstream-url=http://127.0.0.1:{ports[DIRECT]}/v1",
+            f"--jwt-secret={self.jwt_secret}",
+            f"--client={'aiohttp' if name.endswith('-aiohttp') else 'httpx'}",
+            f"--model={self.shapes[0].model}",
+        ]
 
     def _service_env(
         self, name: str, port: int, upstream_port: int, database_url: str | None = None

@@ -1,10 +1,10 @@
-"""What a streaming scenario talks to, and as whom: each started server as a target (ours as
-a user of its own per client, LiteLLM with its master key, the upstream as it is), and each
-client as a slot with its token, its conversations and its connections.
+"""What a streaming scenario talks to, and as whom: each started server as a target (ours and
+the lean one as a user of its own per client, LiteLLM with its master key, the upstream as it
+is), and each client as a slot with its token, its conversations and its connections.
 
-The same question goes to every target, so that they do the same work: on ours into one of
-the client's conversations (POST .../messages, SSE), on the others as an OpenAI chat
-completion with the usage chunk asked for, as the service asks its upstream.
+The same question goes to every target, so that they do the same work: on those that speak
+our API into one of the client's conversations (POST .../messages, SSE), on the others as an
+OpenAI chat completion with the usage chunk asked for, as the service asks its upstream.
 """
 
 import asyncio
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from .clients import RawStream, user_token
-from .servers import LITELLM, Server, is_ours
+from .servers import LITELLM, Server, is_ours, speaks_ours
 
 
 @dataclass
@@ -78,7 +78,13 @@ class Target:
 
     @property
     def ours(self) -> bool:
+        """Our service itself."""
         return is_ours(self.name)
+
+    @property
+    def speaks_ours(self) -> bool:
+        """Ours or the lean server: our API, conversations and SSE events."""
+        return speaks_ours(self.name)
 
     def request(
         self, slot: Slot, model: str, *, background: bool = False
@@ -87,7 +93,7 @@ class Target:
         asks for the turn to be started only (202), its reply followed elsewhere."""
         turn = slot.turns[self.name] = slot.turns.get(self.name, 0) + 1
         content = f"client {slot.index} turn {turn}: how far is the moon?"
-        if self.ours:
+        if self.speaks_ours:
             # In turn through the client's conversations, so that each stays short.
             conversations = slot.conversations[self.name]
             conversation_id = conversations[turn % len(conversations)]
@@ -112,7 +118,7 @@ class Target:
 
     def first_token(self, name: str, data: str) -> bool:
         """Whether the SSE event (name, data) carries content: the first token."""
-        if self.ours:
+        if self.speaks_ours:
             return name == "delta"
         if data == "[DONE]":
             return False
@@ -122,22 +128,22 @@ class Target:
     @property
     def end_marker(self) -> bytes:
         """What the stream's last event starts with."""
-        return b"event: done" if self.ours else b"data: [DONE]"
+        return b"event: done" if self.speaks_ours else b"data: [DONE]"
 
     @property
     def error_marker(self) -> bytes:
         """What an event reporting a failure in mid-stream starts with."""
-        return b"event: error" if self.ours else b'data: {"error"'
+        return b"event: error" if self.speaks_ours else b'data: {"error"'
 
 
 async def prepare_conversations(
     targets: list[Target], slots: list[Slot], model: str, per_slot: int, first_turn_model: str
 ) -> None:
-    """`per_slot` conversations with `model` for every client on each of ours, each already
-    titled by one turn with `first_turn_model` (the title is a chore of the first exchange
-    only), so that measured turns are typical."""
+    """`per_slot` conversations with `model` for every client on each server of our API, each
+    already past one turn with `first_turn_model` (on ours it titles the conversation, a chore
+    of the first exchange only), so that measured turns are typical."""
     for target in targets:
-        if target.ours:
+        if target.speaks_ours:
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{target.port}",
                 timeout=60,
