@@ -247,16 +247,14 @@ class ChatService:
             created_at=now,
             completed_at=now,
         )
-        messages.add(self._session, user_message)
         ref = ReplyRef(assistant_id, conversation.id, conversation.user_id)
-        assistant_message = replies.add_reply(
+        assistant_message = await replies.add_turn(
             self._session,
+            user_message,
             ref,
-            seq=user_seq + 1,
             model=self._llm.model_label(model),
             prompt_token_count=context.total_tokens,
             prompt_hash=context.prompt_hash,
-            now=now,
         )
         if key is not None:
             await idempotency.record(

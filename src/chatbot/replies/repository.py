@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, Update, bindparam, or_, select, update
+from sqlalchemy import Select, Table, Update, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -32,32 +32,69 @@ _save_content = (
 )
 
 
-def add_reply(
+async def add_turn(
     session: AsyncSession,
+    user_message: Message,
     ref: ReplyRef,
     *,
-    seq: int,
     model: str,
     prompt_token_count: int,
     prompt_hash: str,
-    now: datetime,
 ) -> Message:
-    """A reply's row, `in_progress` from the moment the turn that asks for it commits."""
+    """The user message and its reply's row, `in_progress` from the moment the turn commits,
+    in one statement: the unit of work sends two rows as an executemany, which costs the
+    driver more than the rows do."""
     reply = Message(
         id=ref.message_id,
         conversation_id=ref.conversation_id,
-        seq=seq,
+        seq=user_message.seq + 1,
         role=Role.ASSISTANT,
         content="",
         status=MessageStatus.IN_PROGRESS,
         model=model,
         prompt_token_count=prompt_token_count,
         prompt_hash=prompt_hash,
-        created_at=now,
-        checkpoint_at=now,
+        created_at=user_message.created_at,
+        checkpoint_at=user_message.created_at,
     )
-    session.add(reply)
+    await session.execute(
+        _ADD_TURN,
+        {
+            f"{column}_{index}": getattr(row, column)
+            for index, row in enumerate((user_message, reply))
+            for column in _TURN_COLUMNS
+        },
+    )
     return reply
+
+
+_TURN_COLUMNS = (
+    # What a turn's two new rows may hold; the others (JSON ones among them, where a None
+    # given would be stored as JSON null) are left to their defaults.
+    "id",
+    "conversation_id",
+    "seq",
+    "role",
+    "content",
+    "status",
+    "model",
+    "token_count",
+    "prompt_token_count",
+    "prompt_hash",
+    "created_at",
+    "completed_at",
+    "checkpoint_at",
+)
+_ADD_TURN = insert(_messages).values(
+    [
+        # Typed: only the first row's parameters would take their columns' types by themselves.
+        {
+            column: bindparam(f"{column}_{index}", type_=_messages.c[column].type)
+            for column in _TURN_COLUMNS
+        }
+        for index in range(2)
+    ]
+)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The one owner of replies: what starts, stops, follows and keeps them.
 
-A turn adds the reply's row in its own transaction (`repository.add_reply`) and, once that is
+A turn adds the reply's row in its own transaction (`repository.add_turn`) and, once that is
 committed, starts it (`start`); the reply then runs as a task of the service while any number
 of clients follow it (`follow`, `outcome`) and anyone may stop it (`stop`, `cancel`)."""
 
