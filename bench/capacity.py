@@ -86,7 +86,7 @@ sequential reply)."""
 TURNS_PER_CONVERSATION = 16
 """Measured turns a conversation takes: its history stays inside the window (no summaries)."""
 WARMUP_STREAMS = 10
-TARGET_STREAMS = 2000
+TARGET_STREAMS = 800
 TARGET_KIB_PER_STREAM = 64
 QUEUED_SHARE = 0.9
 """Below this share of the offered tokens/s, streams were queued rather than served."""
@@ -672,7 +672,7 @@ def main() -> None:
     parser.add_argument(
         "--levels",
         type=comma_list(int),
-        default=[100, 200, 400, 700, 1000, 1500, 2000, 3000],
+        default=[100, 200, 400, 800, 1000, 1500, 2000, 3000],
         help="concurrent streams, tried in ascending order",
     )
     parser.add_argument("--tokens", type=int, default=100, help="tokens in each reply")
