@@ -14,7 +14,7 @@ ours), several for each kind of turn so that none grows long. Three kinds of tur
 
 Configurations: ours on SQLite and on PostgreSQL (`chatbot serve`), and the lean reference server
 (`bench/lean.py`: the essential work of a turn and nothing more) on each, reading the upstream
-through httpx2 as ours does and through aiohttp's C parser (`-aiohttp`). Each round, every
+through aiohttp's C parser as ours does (`-aiohttp`) and through httpx2. Each round, every
 configuration takes `--turns` turns of each kind, in an order that rotates from round to round;
 the report gives the median over rounds, and ours / lean for each database. A batch's counters
 are read after the servers went quiet and again a moment after its last turn (its last writes
@@ -321,7 +321,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "interleaved. Per relayed token = (streamed, "
         f"{tokens} tokens - streamed, 1 token) / {tokens - 1}. `lean-*` is `bench/lean.py`, "
         "the essential work of a turn only; `-aiohttp` reads the upstream through aiohttp's C "
-        "parser, the others through httpx2 as ours does. PostgreSQL's own processes are not "
+        "parser as ours does, the others through httpx2. PostgreSQL's own processes are not "
         "counted; SQLite works inside the server.",
         "",
         "| configuration | " + " | ".join(headers) + " | per relayed token | errors |",
