@@ -94,7 +94,3 @@ async def turn_of(session: AsyncSession, reply: Message) -> list[Message]:
 
 async def get(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
     return await session.get(Message, message_id, populate_existing=True)
-
-
-def add(session: AsyncSession, *messages: Message) -> None:
-    session.add_all(messages)

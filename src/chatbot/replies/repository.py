@@ -1,6 +1,7 @@
-"""Every statement that writes a reply's rows: its start, checkpoints, tool rounds, its end
-(by its runner, by a cancel from elsewhere, by the sweep). Each runs in the caller's
-transaction; the caller commits. Nothing outside this package writes a reply row."""
+"""Every statement that writes a reply's rows: its start (with the user message that asks for
+it), checkpoints, tool rounds, its end (by its runner, by a cancel from elsewhere, by the
+sweep). Each runs in the caller's transaction and the caller commits, except `finish_at_once`,
+a transaction of its own. Nothing outside this package writes a reply row."""
 
 import functools
 import uuid
