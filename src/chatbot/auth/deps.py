@@ -3,8 +3,8 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from chatbot.auth.tokens import TOKEN_PATTERN, checked_user_id, verify_token
-from chatbot.config import is_loopback_host
-from chatbot.deps import RateLimiterDep, SettingsDep
+from chatbot.config import Settings, is_loopback_host
+from chatbot.deps import StateDep
 from chatbot.errors import Unauthorized
 
 LOCAL_USER = "local"
@@ -12,14 +12,14 @@ LOCAL_USER = "local"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def current_user(request: Request, settings: SettingsDep, limiter: RateLimiterDep) -> str:
+async def current_user(request: Request, state: StateDep) -> str:
     """The caller, from a Bearer JWT (or, locally, X-User-Id), once admitted by the rate limit."""
-    user_id = identify(request, settings)
-    await limiter.admit(user_id)
+    user_id = identify(request, state.settings)
+    await state.rate_limiter.admit(user_id)
     return user_id
 
 
-def identify(request: Request, settings: SettingsDep) -> str:
+def identify(request: Request, settings: Settings) -> str:
     if settings.auth_mode == "none":
         # Defence in depth: even if the process was started some other way, an
         # unauthenticated service answers only on loopback.
@@ -51,17 +51,15 @@ AccessTokenQuery = Annotated[
 
 
 async def streaming_user(
-    request: Request,
-    settings: SettingsDep,
-    limiter: RateLimiterDep,
-    access_token: AccessTokenQuery = None,
+    request: Request, state: StateDep, access_token: AccessTokenQuery = None
 ) -> str:
     """`current_user`, also accepting `?access_token=` on the GET routes EventSource opens."""
+    settings = state.settings
     if access_token and settings.auth_mode == "jwt" and "authorization" not in request.headers:
         user_id = verify_token(settings, access_token)
-        await limiter.admit(user_id)
+        await state.rate_limiter.admit(user_id)
         return user_id
-    return await current_user(request, settings, limiter)
+    return await current_user(request, state)
 
 
 StreamingUser = Annotated[str, Depends(streaming_user)]

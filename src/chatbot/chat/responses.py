@@ -11,7 +11,7 @@ from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.chat.schemas import BackgroundTurnOut
 from chatbot.chat.service import Turn
 from chatbot.config import Settings
-from chatbot.deps import OpenStreamsDep, RepliesDep, SettingsDep, StreamSignerDep
+from chatbot.deps import RepliesDep, StateDep
 from chatbot.errors import PROBLEM_JSON
 from chatbot.quotas.service import OpenStreams
 from chatbot.replies.items import StopReason
@@ -103,7 +103,5 @@ class TurnResponses:
                 await self._replies.stop(turn.assistant_message.id, StopReason.CANCELLED)
 
 
-async def get_responses(
-    settings: SettingsDep, replies: RepliesDep, signer: StreamSignerDep, streams: OpenStreamsDep
-) -> TurnResponses:
-    return TurnResponses(settings, replies, signer, streams)
+async def get_responses(state: StateDep, replies: RepliesDep) -> TurnResponses:
+    return TurnResponses(state.settings, replies, state.stream_signer, state.open_streams)

@@ -8,14 +8,7 @@ from chatbot.chat.errors import EventIdOfAnotherConversation
 from chatbot.chat.responses import TurnResponses, get_responses
 from chatbot.chat.schemas import BackgroundTurnOut, ChatRequest, SendMessage, TurnOut
 from chatbot.chat.service import ChatService
-from chatbot.deps import (
-    ContextBuilderDep,
-    LLMDep,
-    RepliesDep,
-    SessionDep,
-    SettingsDep,
-    ToolsDep,
-)
+from chatbot.deps import RepliesDep, SessionDep, StateDep
 from chatbot.errors import ConversationNotFound, problem_responses
 from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message
@@ -27,14 +20,9 @@ router = APIRouter(tags=["chat"])
 
 
 async def get_chat_service(
-    settings: SettingsDep,
-    session: SessionDep,
-    replies: RepliesDep,
-    llm: LLMDep,
-    context: ContextBuilderDep,
-    tools: ToolsDep,
+    state: StateDep, session: SessionDep, replies: RepliesDep
 ) -> ChatService:
-    return ChatService(settings, session, replies, llm, context, tools)
+    return ChatService(state.settings, session, replies, state.llm, state.context, state.tools)
 
 
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]

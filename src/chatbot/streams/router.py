@@ -5,14 +5,7 @@ from sse_starlette import EventSourceResponse
 
 from chatbot.auth.deps import AccessTokenQuery, CurrentUser, streaming_user
 from chatbot.auth.tokens import TOKEN_PATTERN
-from chatbot.deps import (
-    OpenStreamsDep,
-    RateLimiterDep,
-    RepliesDep,
-    SessionDep,
-    SettingsDep,
-    StreamSignerDep,
-)
+from chatbot.deps import RepliesDep, SessionDep, StateDep, StreamSignerDep
 from chatbot.errors import MessageNotFound
 from chatbot.ids import parse_id
 from chatbot.messages.deps import get_owned_message, preceding_user_message
@@ -52,11 +45,8 @@ async def follow_message(
     message_id: str,
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,
-    limiter: RateLimiterDep,
+    state: StateDep,
     replies: RepliesDep,
-    signer: StreamSignerDep,
-    open_streams: OpenStreamsDep,
     token: StreamToken = None,
     access_token: AccessTokenQuery = None,
     starting_after: StartingAfter = None,
@@ -64,10 +54,10 @@ async def follow_message(
 ) -> EventSourceResponse:
     """Replay what the reply has so far, then stream the rest live, then `done` or `error`."""
     if token is not None:
-        user_id = signer.verify(token, parse_id(message_id, MessageNotFound))
-        await limiter.admit(user_id)
+        user_id = state.stream_signer.verify(token, parse_id(message_id, MessageNotFound))
+        await state.rate_limiter.admit(user_id)
     else:
-        user_id = await streaming_user(request, settings, limiter, access_token)
+        user_id = await streaming_user(request, state, access_token)
     message = await _owned_reply(session, user_id, message_id)
     offset = starting_after or 0
     if last_event_id:
@@ -82,9 +72,9 @@ async def follow_message(
             MessageOut.of(user_message).model_dump(mode="json") if user_message else {},
             MessageOut.of(message).model_dump(mode="json"),
         )
-    closed = open_streams.open(user_id)
+    closed = state.open_streams.open(user_id)
     return stream_response(
-        reply_events(message.id, replies.follow(message.id, offset), start), settings, closed
+        reply_events(message.id, replies.follow(message.id, offset), start), state.settings, closed
     )
 
 
