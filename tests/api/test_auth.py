@@ -1,12 +1,16 @@
 """Who is calling: JWTs, strict per-user isolation, and the local no-auth mode."""
 
+import asyncio
 import time
 from typing import Any
 
 import jwt
 import pytest
 
+from chatbot.auth import tokens
+from chatbot.auth.tokens import verify_token
 from chatbot.config import ConfigError, Settings
+from chatbot.errors import Unauthorized
 from tests.support import JWT_SECRET, Service
 
 
@@ -167,3 +171,46 @@ def test_a_jwt_secret_turns_authentication_on() -> None:
         Settings(_env_file=None, jwt_secret="short").check_startup()
     with pytest.raises(ConfigError):
         Settings(_env_file=None, auth="jwt").check_startup()
+
+
+async def test_a_token_accepted_before_is_refused_once_it_expires(start_service: Any) -> None:
+    """Verified tokens are remembered, but never past their `exp` (plus the leeway)."""
+    async with start_service(jwt_leeway_seconds=0) as service:
+        expires = int(time.time()) + 2
+        headers = {"Authorization": f"Bearer {_token({'sub': 'alice', 'exp': expires})}"}
+        assert (await service.client.get("/v1/conversations", headers=headers)).status_code == 200
+        assert (await service.client.get("/v1/conversations", headers=headers)).status_code == 200
+        await asyncio.sleep(expires - time.time() + 0.05)  # past `exp`, leeway 0
+        for _ in range(2):
+            refused = await service.client.get("/v1/conversations", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["code"] == "token_expired"
+
+
+def test_a_remembered_token_holds_only_for_the_settings_that_verified_it() -> None:
+    token = _token({"sub": "alice", "exp": int(time.time()) + 600})
+    ours = Settings(_env_file=None, jwt_secret=JWT_SECRET)
+    assert verify_token(ours, token) == "alice"
+    for other in (
+        Settings(_env_file=None, jwt_secret="y" * 40),
+        Settings(_env_file=None, jwt_secret=JWT_SECRET, jwt_audience="someone-else"),
+        Settings(_env_file=None, jwt_secret=JWT_SECRET, jwt_issuer="https://elsewhere"),
+    ):
+        with pytest.raises(Unauthorized):
+            verify_token(other, token)
+    assert verify_token(ours, token) == "alice"
+
+
+def test_only_verified_tokens_are_remembered_and_never_too_many() -> None:
+    settings = Settings(_env_file=None, jwt_secret=JWT_SECRET)
+    tokens._verified.clear()
+    exp = int(time.time()) + 600
+    for n in range(200):
+        with pytest.raises(Unauthorized):
+            verify_token(settings, _token({"sub": "alice", "exp": exp, "n": n}, secret="z" * 40))
+    assert len(tokens._verified) == 0
+    for n in range(tokens.VERIFIED_CACHE_SIZE + 50):
+        verify_token(settings, _token({"sub": f"user-{n}", "exp": exp}))
+    assert len(tokens._verified) == tokens.VERIFIED_CACHE_SIZE
+    newest = _token({"sub": f"user-{tokens.VERIFIED_CACHE_SIZE + 49}", "exp": exp})
+    assert verify_token(settings, newest) == f"user-{tokens.VERIFIED_CACHE_SIZE + 49}"
