@@ -110,23 +110,61 @@ def _ping() -> ServerSentEvent:
 
 
 class _EventSourceResponse(EventSourceResponse):
+    """sse-starlette's response with its per-send timeout kept by one timer per stream.
+
+    The library bounds every send with a cancel scope; `asyncio.timeout` was the cheaper way
+    (several times cheaper than anyio's), and still a timer armed and cancelled for every delta
+    of every stream. Here a send only notes when it began, and one timer per stream, re-armed
+    when it fires, cancels a send that has waited `send_timeout` (a client that stopped reading:
+    dropped, so it cannot pin memory), as `asyncio.timeout` would have: the task is cancelled and
+    the cancellation turned into `SendTimeoutError`."""
+
     on_close: Callable[[], None] | None = None
+    _sending: dict["asyncio.Task[Any]", float]
+    _timed_out: set["asyncio.Task[Any]"]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._sending = {}
+        self._timed_out = set()
+        loop = asyncio.get_running_loop()
+        watch: asyncio.TimerHandle | None = None
+
+        def check(limit: float) -> None:
+            nonlocal watch
+            now = loop.time()
+            due = now + limit
+            for task, began in self._sending.items():
+                if now - began < limit:
+                    due = min(due, began + limit)
+                elif task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
+            watch = loop.call_at(due, check, limit)
+
+        if self.send_timeout is not None:
+            watch = loop.call_at(loop.time() + self.send_timeout, check, self.send_timeout)
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if watch is not None:
+                watch.cancel()
             if self.on_close is not None:
                 self.on_close()
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        """The per-send timeout as a native asyncio timeout: anyio's cancel scope costs several
-        times as much, and this runs for every delta of every stream."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sending[task] = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
+            await send(message)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
             raise SendTimeoutError() from None
+        finally:
+            self._sending.pop(task, None)
 
 
 def stream_response(
