@@ -82,7 +82,8 @@ class LiveBus(Protocol):
 class MemoryChannel:
     """One reply's items in memory. Followers wake on each change; the items that arrived since
     a follower last woke come as one batch, so one that falls behind (a busy process) catches
-    up in one send, not one send per delta."""
+    up in one send, not one send per delta. A follower waits on a future of its own, made only
+    when it has caught up: a publish wakes the followers waiting, and costs nothing more."""
 
     def __init__(self, on_stop: StopHandler, forget: Callable[[], None]) -> None:
         self.on_stop = on_stop
@@ -91,7 +92,7 @@ class MemoryChannel:
         self.items: list[Item] = []
         self._ends: list[int] = []
         self._lost = False
-        self._changed = asyncio.Event()
+        self._waiting: list[asyncio.Future[None]] = []
         self._forget = forget
 
     @property
@@ -121,15 +122,17 @@ class MemoryChannel:
         self._forget()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def follow(self, after: int) -> AsyncGenerator[Batch | Outcome, None]:
         index = bisect.bisect_right(self._ends, after)
         self.followers += 1
         try:
             while True:
-                changed = self._changed
                 # A follower may have asked for more than there was.
                 batch = items_after(self.items[index:], after)
                 index = len(self.items)
@@ -143,7 +146,9 @@ class MemoryChannel:
                     return
                 if self._lost:
                     raise OffBus()
-                await changed.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiting.append(waiter)
+                await waiter
         finally:
             self.followers -= 1
 
@@ -174,14 +179,12 @@ class InProcessBus:
     def holds(self, reply_id: uuid.UUID) -> bool:
         return reply_id in self._channels
 
-    async def follow(
-        self, reply_id: uuid.UUID, after: int
-    ) -> AsyncGenerator[Batch | Outcome, None]:
+    def follow(self, reply_id: uuid.UUID, after: int) -> AsyncGenerator[Batch | Outcome, None]:
+        """The channel's own generator, not one wrapping it: each layer costs every batch."""
         channel = self._channels.get(reply_id)
         if channel is None:
             raise OffBus()
-        async for item in channel.follow(after):
-            yield item
+        return channel.follow(after)
 
     async def stop(self, reply_id: uuid.UUID, reason: StopReason) -> bool:
         return self.stop_here(reply_id, reason)

@@ -514,17 +514,10 @@ class RedisBus:
 
     # --- following ----------------------------------------------------------------------------
 
-    async def follow(
-        self, reply_id: uuid.UUID, after: int
-    ) -> AsyncGenerator[Batch | Outcome, None]:
-        source = (
-            self._here.follow(reply_id, after)
-            if self._here.holds(reply_id)
-            else self._follow_elsewhere(reply_id, after)
-        )
-        async with aclosing(source) as items:
-            async for item in items:
-                yield item
+    def follow(self, reply_id: uuid.UUID, after: int) -> AsyncGenerator[Batch | Outcome, None]:
+        if self._here.holds(reply_id):
+            return self._here.follow(reply_id, after)
+        return self._follow_elsewhere(reply_id, after)
 
     async def _follow_elsewhere(
         self, reply_id: uuid.UUID, after: int
