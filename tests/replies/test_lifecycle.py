@@ -7,9 +7,11 @@ from datetime import timedelta
 from typing import Any, cast
 
 import httpx
+import pytest
 from sqlalchemy import delete, event, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.sql import compiler
 
 from chatbot.context.tokens import TokenCounter
 from chatbot.conversations.models import Conversation
@@ -610,3 +612,35 @@ async def test_a_turn_takes_few_statements_and_its_end_one_on_postgresql(
     stored = (await service.messages(conversation["id"]))[-1]
     assert stored["status"] == "completed"
     assert (await day_usage(service.state.sessionmaker, "alice")) > 0
+
+
+async def test_a_turn_compiles_no_sql_once_its_statements_were_seen(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Compiling a statement costs more CPU than executing it: every statement on a turn's way
+    # must come from SQLAlchemy's compiled cache after the first turn (a multi-row INSERT
+    # built with `values([...])` did not, and was compiled on every turn).
+    conversation = await service.create_conversation()
+    for content in ("hello", "hello again"):
+        assert (await service.send(conversation["id"], content)).status_code == 201
+    await service.state.chores.idle()
+    compiled: list[str] = []
+    original = compiler.SQLCompiler.__init__
+
+    def compiling(self: compiler.SQLCompiler, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        compiled.append(self.string)
+
+    monkeypatch.setattr(compiler.SQLCompiler, "__init__", compiling)
+    for content in ("one", "two", "three"):
+        assert (await service.send(conversation["id"], content)).status_code == 201
+        async with service.client.stream(
+            "POST",
+            f"/v1/conversations/{conversation['id']}/messages?stream=true",
+            json={"content": content},
+            headers=service.auth(),
+        ) as streamed:
+            assert streamed.status_code == 200
+            await streamed.aread()
+    await service.state.chores.idle()
+    assert compiled == []
