@@ -10,6 +10,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    inspect,
     or_,
     select,
     update,
@@ -104,7 +105,7 @@ async def claim_reply(
     """
     await _take_user_turns(session, user_id)
     now = utcnow()
-    claimed: Conversation | None = await session.scalar(
+    result = await session.execute(
         _claim,
         {
             "conversation_id": conversation_id,
@@ -113,10 +114,13 @@ async def claim_reply(
             "reply_id": reply_id,
             "now": now,
         },
-        # The returned row is the state; matching it against loaded objects costs CPU for nothing.
-        execution_options={"populate_existing": True},
     )
-    return claimed
+    row = result.first()
+    if row is None:
+        return None
+    # A detached copy of the row for the turn to read: the ORM's own UPDATE .. RETURNING path
+    # (matching rows against the session, loading them) cost more than the statement.
+    return Conversation(**dict(zip(_FIELDS, row, strict=True)))
 
 
 async def extend_reply(
@@ -169,7 +173,8 @@ async def release_replies(session: AsyncSession, reply_ids: list[uuid.UUID]) -> 
     )
 
 
-_others = cast(Table, Conversation.__table__).alias("others")
+_conversations = cast(Table, Conversation.__table__)
+_others = _conversations.alias("others")
 
 
 def _running(
@@ -185,32 +190,35 @@ def running_replies_of(user_id: str | BindParameter[str]) -> Select[int]:
     return select(func.count()).select_from(_others).where(*_running(user_id))
 
 
+_FIELDS = [prop.key for prop in inspect(Conversation).column_attrs]
+"""The attributes of a conversation, in the order `_claim` returns their columns."""
+
 # Built once: building a statement costs more CPU than executing it (its cache key is
 # memoized on the object, so a statement reused is also looked up in the compiled cache at once).
 _claim = (
-    update(Conversation)
+    # Core columns only: one ORM attribute would send it down the ORM's path again.
+    update(_conversations)
     .where(
-        Conversation.id == bindparam("conversation_id"),
-        Conversation.user_id == bindparam("owner"),
-        Conversation.active_reply_id.is_(None),
+        _conversations.c.id == bindparam("conversation_id"),
+        _conversations.c.user_id == bindparam("owner"),
+        _conversations.c.active_reply_id.is_(None),
         running_replies_of(bindparam("owner")).scalar_subquery() < bindparam("max_running"),
     )
     .values(
         active_reply_id=bindparam("reply_id"),
         reserved_tokens=0,
-        message_count=Conversation.message_count + 2,
+        message_count=_conversations.c.message_count + 2,
         updated_at=bindparam("now"),
         last_message_at=bindparam("now"),
     )
-    .returning(Conversation)
-    .execution_options(synchronize_session=False)
+    .returning(*(prop.columns[0] for prop in inspect(Conversation).column_attrs))
 )
 RELEASE = (
     # A reply's conversation freed, if the reply still holds it (`release_parameters`).
-    update(Conversation)
+    update(_conversations)
     .where(
-        Conversation.id == bindparam("freed_conversation"),
-        Conversation.active_reply_id == bindparam("reply_id"),
+        _conversations.c.id == bindparam("freed_conversation"),
+        _conversations.c.active_reply_id == bindparam("reply_id"),
     )
     .values(
         active_reply_id=None,
@@ -218,7 +226,6 @@ RELEASE = (
         updated_at=bindparam("now"),
         last_message_at=bindparam("now"),
     )
-    .execution_options(synchronize_session=False)
 )
 
 
