@@ -9,9 +9,8 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, Update, bindparam, or_, select, text, update
+from sqlalchemy import Row, Select, Table, Update, bindparam, inspect, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from chatbot.conversations import repository as conversations
 from chatbot.db import changed_rows
@@ -186,11 +185,10 @@ async def finish(
     """End a reply and free its conversation, unless it was already final (finished elsewhere)
     or is gone. Returns the stored row, or None."""
     check_move(mover, values["status"])
-    stored: Message | None = await session.scalar(
-        _finish_statement(frozenset(values)),
-        _finish_parameters(ref, values),
-        execution_options={"populate_existing": True},
+    result = await session.execute(
+        _finish_statement(frozenset(values)), _finish_parameters(ref, values)
     )
+    stored = _detached(result.first())
     await conversations.release_reply(session, ref.conversation_id, ref.message_id)
     return stored
 
@@ -203,25 +201,24 @@ async def finish_at_once(
     around it (a statement is one already). The session must not have begun one."""
     check_move(mover, values["status"])
     await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    stored: Message | None = await session.scalar(
+    result = await session.execute(
         _finish_at_once(frozenset(values)),
         {
             **_finish_parameters(ref, values),
             **conversations.release_parameters(ref.conversation_id, ref.message_id),
             **quotas.usage_parameters(ref.user_id, tokens),
         },
-        execution_options={"populate_existing": True},
     )
-    return stored
+    return _detached(result.first())
 
 
 def _finish_parameters(ref: ReplyRef, values: dict[str, Any]) -> dict[str, Any]:
     return {"message_id": ref.message_id, **{f"new_{key}": value for key, value in values.items()}}
 
 
-def _ending(target: type[Message] | Table, columns: frozenset[str]) -> Update:
+def _ending(columns: frozenset[str]) -> Update:
     return (
-        update(target)
+        update(_messages)
         .where(
             _messages.c.id == bindparam("message_id"),
             _messages.c.status == MessageStatus.IN_PROGRESS,
@@ -230,18 +227,29 @@ def _ending(target: type[Message] | Table, columns: frozenset[str]) -> Update:
     )
 
 
+_FIELDS = [prop.key for prop in inspect(Message).column_attrs]
+_COLUMNS = [prop.columns[0] for prop in inspect(Message).column_attrs]
+"""A message's attributes and their columns, in the order the end's statements return them."""
+
+
+def _detached(row: Row[Any] | None) -> Message | None:
+    """The stored row as a Message of no session: the ORM's UPDATE .. RETURNING path (and its
+    loading of the entity) cost more than the statement, and the row is only read."""
+    return None if row is None else Message(**dict(zip(_FIELDS, row, strict=True)))
+
+
 @functools.cache
 def _finish_statement(columns: frozenset[str]) -> Update:
     """The end of a reply setting `columns`: one statement for each set of them, built once."""
-    return _ending(Message, columns).returning(Message).execution_options(synchronize_session=False)
+    return _ending(columns).returning(*_COLUMNS)
 
 
 @functools.cache
-def _finish_at_once(columns: frozenset[str]) -> Select[Message]:
-    ended = _ending(_messages, columns).returning(*_messages.c).cte("ended")
+def _finish_at_once(columns: frozenset[str]) -> Select[Any]:
+    ended = _ending(columns).returning(*_messages.c).cte("ended")
     freed = conversations.RELEASE.cte("freed")
     spent = quotas.usage_added("postgresql").cte("spent")
-    return select(aliased(Message, ended)).add_cte(freed, spent)
+    return select(*(ended.c[column.name] for column in _COLUMNS)).add_cte(freed, spent)
 
 
 async def stale(session: AsyncSession, stale_before: datetime) -> list[uuid.UUID]:
