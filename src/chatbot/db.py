@@ -1,10 +1,12 @@
 """Database engine, session factory, declarative base and migrations."""
 
+import functools
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -17,6 +19,7 @@ from sqlalchemy import (
     bindparam,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -29,7 +32,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import ClassManager, DeclarativeBase
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -90,6 +93,24 @@ def is_unreachable(exc: BaseException) -> bool:
 
 def new_id() -> uuid.UUID:
     return uuid.uuid4()
+
+
+_Model = TypeVar("_Model", bound="Base")
+
+
+@functools.cache
+def _manager(model: type["Base"]) -> ClassManager[Any]:
+    return cast(ClassManager[Any], inspect(model).class_manager)
+
+
+def detached(model: type[_Model], values: Mapping[str, Any]) -> _Model:
+    """A `model` instance holding `values`, in no session, for rows that are only read: built
+    as the ORM builds the rows it loads, without the attribute event its constructor fires for
+    each value (about 1 us instead of 12 to 20 for a message or a conversation). An attribute
+    not given reads None."""
+    instance = cast(_Model, _manager(model).new_instance())
+    instance.__dict__.update(values)
+    return instance
 
 
 class UTCDateTime(TypeDecorator[datetime]):

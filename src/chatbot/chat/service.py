@@ -19,7 +19,7 @@ from chatbot.conversations import repository as conversations
 from chatbot.conversations.models import Conversation
 from chatbot.conversations.schemas import ConversationCreate
 from chatbot.conversations.service import new_conversation
-from chatbot.db import utcnow
+from chatbot.db import detached, utcnow
 from chatbot.errors import ConversationNotFound, Unprocessable
 from chatbot.ids import parse_id
 from chatbot.llm.client import CompletionRequest, LLMClient
@@ -236,16 +236,19 @@ class ChatService:
             max_output_tokens=options.max_output_tokens,
         )
         now = utcnow()
-        user_message = Message(
-            id=uuid.uuid4(),
-            conversation_id=conversation.id,
-            seq=user_seq,
-            role=Role.USER,
-            content=content,
-            token_count=context.new_message_tokens - TOKENS_PER_MESSAGE,
-            status=MessageStatus.COMPLETED,
-            created_at=now,
-            completed_at=now,
+        user_message = detached(  # its row goes in with the reply's (`add_turn`)
+            Message,
+            {
+                "id": uuid.uuid4(),
+                "conversation_id": conversation.id,
+                "seq": user_seq,
+                "role": Role.USER,
+                "content": content,
+                "token_count": context.new_message_tokens - TOKENS_PER_MESSAGE,
+                "status": MessageStatus.COMPLETED,
+                "created_at": now,
+                "completed_at": now,
+            },
         )
         ref = ReplyRef(assistant_id, conversation.id, conversation.user_id)
         assistant_message = await replies.add_turn(

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations.errors import TooManyConversations
 from chatbot.conversations.models import Conversation
-from chatbot.db import changed_rows, take_turns, utcnow
+from chatbot.db import changed_rows, detached, take_turns, utcnow
 
 
 async def get_owned(
@@ -120,7 +120,7 @@ async def claim_reply(
         return None
     # A detached copy of the row for the turn to read: the ORM's own UPDATE .. RETURNING path
     # (matching rows against the session, loading them) cost more than the statement.
-    return Conversation(**dict(zip(_FIELDS, row, strict=True)))
+    return detached(Conversation, dict(zip(_FIELDS, row, strict=True)))
 
 
 async def extend_reply(

@@ -1,9 +1,22 @@
 import uuid
+from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Row, bindparam, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot.db import detached
 from chatbot.messages.models import Message, Role
+
+_FIELDS = [prop.key for prop in inspect(Message).column_attrs]
+COLUMNS = [prop.columns[0] for prop in inspect(Message).column_attrs]
+"""A message's columns, in the order `from_row` reads them: for statements on the way of every
+turn, which read them as Core rows rather than through the session."""
+
+
+def from_row(row: Row[Any]) -> Message:
+    """A row of `COLUMNS` as a Message of no session, for reading: loading entities through the
+    session (identity map, instance states) cost more than the statement."""
+    return detached(Message, dict(zip(_FIELDS, row, strict=True)))
 
 
 async def list_after(
@@ -28,7 +41,7 @@ async def newest_first(
     limit: int,
 ) -> list[Message]:
     """Up to `limit` messages strictly between two positions, newest first, from the index."""
-    rows = await session.scalars(
+    result = await session.execute(
         _newest_first,
         {
             "conversation_id": conversation_id,
@@ -37,17 +50,18 @@ async def newest_first(
             "limit": limit,
         },
     )
-    return list(rows)
+    return [from_row(row) for row in result]
 
 
+_table = Message.__table__.c
 _newest_first = (
-    select(Message)
+    select(*COLUMNS)
     .where(
-        Message.conversation_id == bindparam("conversation_id"),
-        Message.seq < bindparam("before_seq"),
-        Message.seq > bindparam("after_seq"),
+        _table.conversation_id == bindparam("conversation_id"),
+        _table.seq < bindparam("before_seq"),
+        _table.seq > bindparam("after_seq"),
     )
-    .order_by(Message.seq.desc())
+    .order_by(_table.seq.desc())
     .limit(bindparam("limit"))
 )
 

@@ -9,11 +9,12 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, Update, bindparam, inspect, or_, select, text, update
+from sqlalchemy import Row, Select, Table, Update, bindparam, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.conversations import repository as conversations
-from chatbot.db import changed_rows
+from chatbot.db import changed_rows, detached
+from chatbot.messages import repository as messages
 from chatbot.messages.models import Message, MessageStatus, Role
 from chatbot.quotas import service as quotas
 from chatbot.replies.live import ReplyRef, Snapshot
@@ -44,18 +45,21 @@ async def add_turn(
     """The user message and its reply's row, `in_progress` from the moment the turn commits,
     in one statement: the unit of work sends two rows as an executemany, which costs the
     driver more than the rows do."""
-    reply = Message(
-        id=ref.message_id,
-        conversation_id=ref.conversation_id,
-        seq=user_message.seq + 1,
-        role=Role.ASSISTANT,
-        content="",
-        status=MessageStatus.IN_PROGRESS,
-        model=model,
-        prompt_token_count=prompt_token_count,
-        prompt_hash=prompt_hash,
-        created_at=user_message.created_at,
-        checkpoint_at=user_message.created_at,
+    reply = detached(
+        Message,
+        {
+            "id": ref.message_id,
+            "conversation_id": ref.conversation_id,
+            "seq": user_message.seq + 1,
+            "role": Role.ASSISTANT,
+            "content": "",
+            "status": MessageStatus.IN_PROGRESS,
+            "model": model,
+            "prompt_token_count": prompt_token_count,
+            "prompt_hash": prompt_hash,
+            "created_at": user_message.created_at,
+            "checkpoint_at": user_message.created_at,
+        },
     )
     await session.execute(
         _ADD_TURN,
@@ -227,21 +231,15 @@ def _ending(columns: frozenset[str]) -> Update:
     )
 
 
-_FIELDS = [prop.key for prop in inspect(Message).column_attrs]
-_COLUMNS = [prop.columns[0] for prop in inspect(Message).column_attrs]
-"""A message's attributes and their columns, in the order the end's statements return them."""
-
-
 def _detached(row: Row[Any] | None) -> Message | None:
-    """The stored row as a Message of no session: the ORM's UPDATE .. RETURNING path (and its
-    loading of the entity) cost more than the statement, and the row is only read."""
-    return None if row is None else Message(**dict(zip(_FIELDS, row, strict=True)))
+    # The row is only read, to build the outcome: not through the session.
+    return None if row is None else messages.from_row(row)
 
 
 @functools.cache
 def _finish_statement(columns: frozenset[str]) -> Update:
     """The end of a reply setting `columns`: one statement for each set of them, built once."""
-    return _ending(columns).returning(*_COLUMNS)
+    return _ending(columns).returning(*messages.COLUMNS)
 
 
 @functools.cache
@@ -249,7 +247,7 @@ def _finish_at_once(columns: frozenset[str]) -> Select[Any]:
     ended = _ending(columns).returning(*_messages.c).cte("ended")
     freed = conversations.RELEASE.cte("freed")
     spent = quotas.usage_added("postgresql").cte("spent")
-    return select(*(ended.c[column.name] for column in _COLUMNS)).add_cte(freed, spent)
+    return select(*(ended.c[column.name] for column in messages.COLUMNS)).add_cte(freed, spent)
 
 
 async def stale(session: AsyncSession, stale_before: datetime) -> list[uuid.UUID]:
