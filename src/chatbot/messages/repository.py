@@ -40,7 +40,10 @@ async def newest_first(
     after_seq: int,
     limit: int,
 ) -> list[Message]:
-    """Up to `limit` messages strictly between two positions, newest first, from the index."""
+    """Up to `limit` messages strictly between two positions, newest first, from the index,
+    holding what a context is planned from (`PROMPT_FIELDS`); their other attributes read
+    None. Every turn reads a page of these: the rest of each row (times, usage, errors) would
+    cost more to convert than the prompt's own columns."""
     result = await session.execute(
         _newest_first,
         {
@@ -50,12 +53,22 @@ async def newest_first(
             "limit": limit,
         },
     )
-    return [from_row(row) for row in result]
+    return [detached(Message, dict(zip(PROMPT_FIELDS, row, strict=True))) for row in result]
 
 
+PROMPT_FIELDS = (
+    "id",
+    "seq",
+    "role",
+    "status",
+    "content",
+    "token_count",
+    "tool_calls",
+    "tool_call_id",
+)
 _table = Message.__table__.c
 _newest_first = (
-    select(*COLUMNS)
+    select(*(_table[field] for field in PROMPT_FIELDS))
     .where(
         _table.conversation_id == bindparam("conversation_id"),
         _table.seq < bindparam("before_seq"),
