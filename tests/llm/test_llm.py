@@ -105,6 +105,28 @@ async def test_other_models_get_max_tokens_and_temperature(model: str) -> None:
     assert route.calls.last.request.headers["authorization"] == "Bearer sk-x"
 
 
+@pytest.mark.parametrize(
+    "text",
+    ['caf\u00e9 \u2028 \U0001f600 "quoted"\n', "lone \ud800 surrogate"],
+    ids=["text", "surrogate"],
+)
+async def test_the_body_is_json_of_the_messages_as_given(text: str) -> None:
+    # Encoded by orjson, or (what it refuses) escaped as the standard encoder writes it.
+    client = _client()
+    request = CompletionRequest(model="m", messages=[ChatMessage("user", text)])
+    try:
+        with respx.mock:
+            route = respx.post(f"{BASE_URL}/chat/completions").respond(
+                200, content=STREAM, headers={"content-type": "text/event-stream"}
+            )
+            await model_events(client, request)
+    finally:
+        await client.aclose()
+    sent = route.calls.last.request
+    assert sent.headers["content-type"] == "application/json"
+    assert json.loads(sent.content)["messages"] == [{"role": "user", "content": text}]
+
+
 async def test_an_unknown_reasoning_model_is_retried_with_the_other_parameter_style() -> None:
     rejection = {
         "error": {

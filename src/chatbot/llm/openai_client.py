@@ -193,7 +193,9 @@ class OpenAIChatClient:
                 stream = await self._client.post(
                     "/chat/completions",
                     cast_to=object,
-                    body={**params, "stream": True, "stream_options": {"include_usage": True}},
+                    content=_encoded(
+                        {**params, "stream": True, "stream_options": {"include_usage": True}}
+                    ),
                     options={"security": {"bearer_auth": True}},
                     stream=True,
                     stream_cls=openai.AsyncStream[object],
@@ -376,6 +378,16 @@ async def _chunks(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
         event = None
     if data and (payload := b"\n".join(data)) != b"[DONE]":
         yield _chunk(payload, event)  # a last event without its blank line
+
+
+def _encoded(body: dict[str, Any]) -> bytes:
+    """A call's body as JSON by orjson, several times faster than the client's own encoder on
+    a long history; what orjson refuses (a lone surrogate in some text) as that encoder writes
+    it, escaped."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _chunk(payload: bytes, event: bytes | None) -> dict[str, Any]:
