@@ -72,7 +72,7 @@ class ChatService:
         self._check_limits(body.content, body, field="content")
         target_id = parse_id(conversation_id, ConversationNotFound)
         key = idempotency.validated_key(idempotency_key)
-        hashed = idempotency.request_hash(str(target_id), body)
+        hashed = idempotency.request_hash(str(target_id), body) if key else ""
         if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
         await self._learn_window(body.model)
@@ -106,7 +106,7 @@ class ChatService:
         started = time.monotonic()
         self._check_limits(body.message, body, field="message")
         key = idempotency.validated_key(idempotency_key)
-        hashed = idempotency.request_hash("new", body)
+        hashed = idempotency.request_hash("new", body) if key else ""
         if key and (turn := await self._replay(user_id, key, hashed)):
             return turn
         await self._learn_window(body.model)
