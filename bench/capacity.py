@@ -4,7 +4,9 @@ Five processes share the machine's two cores: the fake OpenAI-compatible upstrea
 (`bench/harness/upstream.py`, `--ttft-ms` before the first token, then `--tokens` tokens at
 `--tokens-per-second`), the service on SQLite and on PostgreSQL (`chatbot serve`, one worker,
 JWT on, limits out of the way), the lean reference server on PostgreSQL (`bench/lean.py`: the
-essential work of a turn only, the floor ours is held against), the LiteLLM proxy from its own
+essential work of a turn only, the floor ours is held against; and its `--decoupled` variant,
+each reply produced by a task of its own as one that outlives its client must be, which tells
+what that design costs per token), the LiteLLM proxy from its own
 venv (`make bench-env`) relaying to the same upstream, and this one, the client. `direct` (the
 upstream called directly) is always measured: it is the ceiling of the harness itself (upstream
 and client), not of a service.
@@ -542,7 +544,9 @@ def _markdown(result: dict[str, Any]) -> str:
         + f" The server, the fake upstream and the client share the machine's {result['cores']}"
         " cores, so their CPU shares (% of one core: server / upstream / client) bound the "
         "result; `direct` is the harness's own ceiling, `lean-*` the lean reference server "
-        "(`bench/lean.py`: the essential work of a turn only), the floor ours is held against.",
+        "(`bench/lean.py`: the essential work of a turn only), the floor ours is held against; "
+        "`lean-postgres-decoupled-aiohttp` the same producing each reply in a task of its own "
+        "that the response follows, as a reply that outlives its client must be.",
         "",
         "| streams | configuration | gap p50 | gap p95 | gap p99 | TTFT p95 | failures "
         "| tokens/s | RSS | KiB/stream | CPU server / upstream / client | us/token | passed |",
@@ -667,7 +671,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = scenario_parser(
-        __doc__, "bench_capacity", [DIRECT, *OURS, "lean-postgres-aiohttp", LITELLM]
+        __doc__,
+        "bench_capacity",
+        [DIRECT, *OURS, "lean-postgres-aiohttp", "lean-postgres-decoupled-aiohttp", LITELLM],
     )
     parser.add_argument(
         "--levels",

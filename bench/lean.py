@@ -18,6 +18,11 @@ JSON once the reply has ended), GET /readyz. `--client httpx` reads the upstream
 if installed (what ours' `openai` client is built on), else httpx; `--client aiohttp` through
 aiohttp and its C parser.
 
+`--decoupled` (configurations named `lean-*-decoupled-*`) produces each reply in a task of its
+own, which the response follows through memory: what a reply that outlives its client (ours:
+resume, background, cancel from elsewhere) needs at the least, a second task woken per token.
+Nothing else changes; a client that leaves no longer ends its reply.
+
     python bench/lean.py --port 8100 --database-url sqlite+aiosqlite:///lean.db \\
         --upstream-url http://127.0.0.1:9100/v1 --jwt-secret S --client httpx
 """
@@ -275,6 +280,7 @@ class Lean:
         self.args = args
         sqlite = args.database_url.startswith("sqlite")
         self.store = Sqlite(args.database_url) if sqlite else Postgres(args.database_url)
+        self.producers: set[asyncio.Task[None]] = set()
 
     def user(self, request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -317,6 +323,8 @@ class Lean:
         messages.append({"role": "user", "content": content})
         call = {"model": turn.model, "messages": messages, "stream": True}
         deltas = self.relay(turn, orjson.dumps(call | {"stream_options": {"include_usage": True}}))
+        if self.args.decoupled:
+            deltas = self.followed(deltas)
         if "text/event-stream" in request.headers.get("accept", ""):
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self.sse(turn, deltas), 200, headers, "text/event-stream")
@@ -352,6 +360,43 @@ class Lean:
                 turn.status = "cancelled"
             turn.latency_ms = round((time.perf_counter() - turn.started) * 1000)
             await asyncio.shield(self.store.finish(turn))
+
+    async def followed(self, deltas: AsyncIterator[str]) -> AsyncIterator[str]:
+        """`deltas` produced by a task of its own, followed here: the producer appends to a
+        list and wakes the follower, which takes whatever came since it last woke."""
+        parts: list[str] = []
+        waiting: list[asyncio.Future[None]] = []
+        ended = False
+
+        def wake() -> None:
+            while waiting:
+                if not (waiter := waiting.pop()).done():
+                    waiter.set_result(None)
+
+        async def produce() -> None:
+            nonlocal ended
+            try:
+                async for text in deltas:
+                    parts.append(text)
+                    wake()
+            finally:
+                ended = True
+                wake()
+
+        producer = asyncio.create_task(produce())
+        self.producers.add(producer)
+        producer.add_done_callback(self.producers.discard)
+        sent = 0
+        while True:
+            if sent < len(parts):
+                batch, sent = parts[sent:], len(parts)
+                for text in batch:
+                    yield text
+            elif ended:
+                return
+            else:
+                waiting.append(asyncio.get_running_loop().create_future())
+                await waiting[-1]
 
     async def sse(self, turn: Turn, deltas: AsyncIterator[str]) -> AsyncIterator[bytes]:
         reply = turn.reply_id.encode()
@@ -407,6 +452,9 @@ def main() -> None:
     parser.add_argument("--jwt-secret", required=True)
     parser.add_argument("--client", choices=["httpx", "aiohttp"], default="httpx")
     parser.add_argument("--model", default="gpt-4o-mini", help="when a conversation names none")
+    parser.add_argument(
+        "--decoupled", action="store_true", help="each reply produced by a task of its own"
+    )
     args = parser.parse_args()
     # uvicorn's defaults pick uvloop and httptools when they are installed, as for ours.
     uvicorn.run(

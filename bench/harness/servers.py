@@ -11,7 +11,8 @@
   the floor ours is held against: the essential work of a turn in our API's shapes, one
   worker, JWT on with the same secret, each on a database of its own, reading the upstream
   through aiohttp as ours does; `lean-sqlite`, `lean-postgres`: the same through httpx2 (the
-  `openai` client's default transport, which ours used before);
+  `openai` client's default transport, which ours used before); `lean-postgres-decoupled-aiohttp`
+  produces each reply in a task of its own that the response follows (`--decoupled`);
 - `litellm`: the LiteLLM proxy (`harness/litellm.py`) relaying to it;
 - a `redis-server` of the scenario's own (`RedisServer`), for instances of ours that share it.
 """
@@ -287,6 +288,7 @@ class Servers:
             f"--jwt-secret={self.jwt_secret}",
             f"--client={'aiohttp' if name.endswith('-aiohttp') else 'httpx'}",
             f"--model={self.shapes[0].model}",
+            *(["--decoupled"] if "-decoupled" in name else []),
         ]
 
     def _service_env(
