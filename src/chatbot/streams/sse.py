@@ -1,7 +1,6 @@
 """The wire format of a reply stream (see the HTTP contract, "The SSE stream")."""
 
 import asyncio
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +12,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
+from chatbot import json_codec
 from chatbot.auth.stream_tokens import StreamTokenSigner
 from chatbot.config import Settings
 from chatbot.replies.items import Batch, Delta, Item, Outcome
@@ -33,7 +33,7 @@ LastEventId = Annotated[
 
 
 def _json(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return json_codec.dumps(data).decode()
 
 
 def parse_event_id(value: str) -> tuple[uuid.UUID, int]:
