@@ -107,7 +107,8 @@ def test_packages_import_each_other_one_way_only() -> None:
 
 
 def _writes_reply_rows(tree: ast.AST) -> list[int]:
-    """Lines that build a statement on the messages table, or an assistant or tool message."""
+    """Lines that build a statement on the messages table, or an assistant or tool message
+    (through the constructor or `detached`)."""
     lines = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -120,15 +121,25 @@ def _writes_reply_rows(tree: ast.AST) -> list[int]:
             and first.id == "Message"
         ):
             lines.append(node.lineno)
+        roles: list[ast.expr] = []
         if name == "Message":
-            for keyword in node.keywords:
-                value = keyword.value
-                if (
-                    keyword.arg == "role"
-                    and isinstance(value, ast.Attribute)
-                    and value.attr in ("ASSISTANT", "TOOL")
-                ):
-                    lines.append(node.lineno)
+            roles = [keyword.value for keyword in node.keywords if keyword.arg == "role"]
+        elif (
+            name == "detached"
+            and isinstance(first, ast.Name)
+            and first.id == "Message"
+            and len(node.args) > 1
+            and isinstance(values := node.args[1], ast.Dict)
+        ):
+            roles = [
+                value
+                for key, value in zip(values.keys, values.values, strict=True)
+                if isinstance(key, ast.Constant) and key.value == "role"
+            ]
+        if any(
+            isinstance(role, ast.Attribute) and role.attr in ("ASSISTANT", "TOOL") for role in roles
+        ):
+            lines.append(node.lineno)
     lines += [
         node.lineno
         for node in ast.walk(tree)
@@ -157,3 +168,6 @@ def test_the_checks_see_what_they_look_for() -> None:
     assert "chatbot.replies.store" in graph["chatbot.replies.runner"]
     replies = SOURCE / "replies" / "repository.py"
     assert _writes_reply_rows(ast.parse(replies.read_text(encoding="utf-8")))
+    built = 'detached(Message, {"id": 1, "role": Role.ASSISTANT})'
+    assert _writes_reply_rows(ast.parse(built)) == [1]
+    assert _writes_reply_rows(ast.parse(built.replace("ASSISTANT", "USER"))) == []

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chatbot import json_codec
 from chatbot.config import Settings
 from chatbot.context.tokens import REPLY_PRIMING_TOKENS, TokenCounter
 from chatbot.conversations.models import Conversation
@@ -19,7 +20,7 @@ from chatbot.errors import AppError
 from chatbot.llm.client import ChatMessage
 from chatbot.llm.windows import ContextWindows, Window
 from chatbot.messages import repository as messages
-from chatbot.messages.models import Message, MessageStatus, Role
+from chatbot.messages.models import MessageStatus, PromptMessage, Role
 from chatbot.prompts import PromptProfiles
 
 SUMMARY_PREFIX = "Summary of the earlier part of this conversation:\n"
@@ -53,7 +54,7 @@ class ContextPlan:
     summary: str | None
     summary_upto_seq: int
     summary_tokens: int
-    history: list[Message]
+    history: list[PromptMessage]
     history_tokens: list[int]
     new_message_tokens: int
     window: Window
@@ -80,17 +81,16 @@ class ContextPlan:
     @property
     def prompt_hash(self) -> str:
         prompt = {"model": self.model, "messages": [m.to_openai() for m in self.messages]}
-        canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return hashlib.sha256(json_codec.dumps(prompt, sort_keys=True)).hexdigest()
 
 
-def _sendable(message: Message) -> bool:
+def _sendable(message: PromptMessage) -> bool:
     if message.status is MessageStatus.IN_PROGRESS:
         return False
     return bool(message.content or message.tool_calls)
 
 
-def _as_chat_message(message: Message) -> ChatMessage:
+def _as_chat_message(message: PromptMessage) -> ChatMessage:
     return ChatMessage(
         message.role.value,
         message.content,
@@ -102,7 +102,7 @@ def _as_chat_message(message: Message) -> ChatMessage:
 _NO_RESULT = '{"error": "no result was recorded for this call"}'
 
 
-def _paired(history: list[Message]) -> list[ChatMessage]:
+def _paired(history: list[PromptMessage]) -> list[ChatMessage]:
     """The history with every call answered right after the message that made it, as
     providers insist: a call whose result was never stored (the process died mid-call) gets
     one saying so, and a result whose call is not in the window is left out."""
@@ -152,7 +152,7 @@ class ContextBuilder:
             return self._profiles.get(profile), f"profile:{profile}"
         return self._settings.system_prompt, "default"
 
-    def message_tokens(self, message: Message, model: str) -> int:
+    def message_tokens(self, message: PromptMessage, model: str) -> int:
         """A stored message's cost in a prompt: its kept count, framing and tool calls."""
         tokens = message.token_count
         if tokens is None:
@@ -238,15 +238,15 @@ class ContextBuilder:
         before_seq: int,
         model: str,
         room: int,
-    ) -> tuple[list[Message], list[int]]:
+    ) -> tuple[list[PromptMessage], list[int]]:
         """Whole turns, newest first, while they fit; a turn starts at a user message.
 
         A turn is never cut in half, so an assistant message that called tools always travels
         with the tool results that follow it.
         """
         cap = self._settings.history_messages
-        selected: list[tuple[Message, int]] = []
-        turn: list[tuple[Message, int]] = []
+        selected: list[tuple[PromptMessage, int]] = []
+        turn: list[tuple[PromptMessage, int]] = []
         cursor = before_seq
         while len(selected) < cap:
             page = await messages.newest_first(
@@ -333,5 +333,7 @@ def fit_messages(
     return [*messages[:head], *kept, *messages[current:]], budget - room
 
 
-def _split(selected: list[tuple[Message, int]]) -> tuple[list[Message], list[int]]:
+def _split(
+    selected: list[tuple[PromptMessage, int]],
+) -> tuple[list[PromptMessage], list[int]]:
     return [message for message, _ in selected], [tokens for _, tokens in selected]

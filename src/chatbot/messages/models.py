@@ -1,7 +1,7 @@
 import enum
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     Boolean,
@@ -92,3 +92,32 @@ class Message(Base):
     """For a reply: SHA-256 of that prompt (model and messages, as sent)."""
     # Last time the process generating this reply saved it; a stale one belongs to a dead process.
     checkpoint_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PromptMessage(Protocol):
+    """What a prompt is planned from: a stored `Message`, or a row of just these columns (the
+    history a turn reads, `repository.newest_first`)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def status(self) -> MessageStatus: ...
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def token_count(self) -> int | None: ...
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None: ...
+
+    @property
+    def tool_call_id(self) -> str | None: ...

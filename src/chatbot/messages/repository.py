@@ -1,11 +1,11 @@
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Row, bindparam, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chatbot.db import detached
-from chatbot.messages.models import Message, Role
+from chatbot.messages.models import Message, PromptMessage, Role
 
 _FIELDS = [prop.key for prop in inspect(Message).column_attrs]
 COLUMNS = [prop.columns[0] for prop in inspect(Message).column_attrs]
@@ -39,11 +39,11 @@ async def newest_first(
     before_seq: int,
     after_seq: int,
     limit: int,
-) -> list[Message]:
-    """Up to `limit` messages strictly between two positions, newest first, from the index,
-    holding what a context is planned from (`PROMPT_FIELDS`); their other attributes read
-    None. Every turn reads a page of these: the rest of each row (times, usage, errors) would
-    cost more to convert than the prompt's own columns."""
+) -> list[PromptMessage]:
+    """Up to `limit` messages strictly between two positions, newest first, from the index, as
+    rows of what a context is planned from (`PROMPT_FIELDS`). Every turn reads a page of these:
+    the rest of each row (times, usage, errors) would cost more to convert than the prompt's
+    own columns, and entities more to build than the rows."""
     result = await session.execute(
         _newest_first,
         {
@@ -53,7 +53,7 @@ async def newest_first(
             "limit": limit,
         },
     )
-    return [detached(Message, dict(zip(PROMPT_FIELDS, row, strict=True))) for row in result]
+    return cast(list[PromptMessage], list(result))
 
 
 PROMPT_FIELDS = (
@@ -66,15 +66,16 @@ PROMPT_FIELDS = (
     "tool_calls",
     "tool_call_id",
 )
-_table = Message.__table__.c
+_column = {prop.key: prop.columns[0] for prop in inspect(Message).column_attrs}
 _newest_first = (
-    select(*(_table[field] for field in PROMPT_FIELDS))
+    # Core columns: ORM attributes would send the statement down the ORM's path.
+    select(*(_column[field] for field in PROMPT_FIELDS))
     .where(
-        _table.conversation_id == bindparam("conversation_id"),
-        _table.seq < bindparam("before_seq"),
-        _table.seq > bindparam("after_seq"),
+        _column["conversation_id"] == bindparam("conversation_id"),
+        _column["seq"] < bindparam("before_seq"),
+        _column["seq"] > bindparam("after_seq"),
     )
-    .order_by(_table.seq.desc())
+    .order_by(_column["seq"].desc())
     .limit(bindparam("limit"))
 )
 
