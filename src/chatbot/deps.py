@@ -1,4 +1,5 @@
-"""Typed dependencies for what the lifespan builds; tests swap them via dependency_overrides.
+"""Typed dependencies for what the lifespan builds. Tests may swap `get_replies` through
+`dependency_overrides`; the hot routes read the rest from the state itself (below).
 
 Every dependency is `async def`, however trivial: FastAPI runs a plain `def` in its thread pool,
 a hand-off to a thread and back on every request. Those on the hot routes read what they need

@@ -11,7 +11,7 @@ import pytest
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatbot.config import Settings
-from chatbot.replies.bus import InProcessBus
+from chatbot.replies.bus import InProcessBus, MemoryChannel
 from chatbot.replies.items import Delta, Outcome
 from chatbot.replies.live import LiveReply, ReplyRef
 from chatbot.replies.registry import ReplyRegistry
@@ -300,6 +300,26 @@ async def test_a_reply_that_ends_while_a_batch_is_sent_loses_none_of_its_end() -
     generation.finish(Outcome(message={"id": str(message_id)}))
     rest = [item async for item in items]
     assert rest == [(Delta(", world", 12),), Outcome(message={"id": str(message_id)})]
+
+
+async def test_followers_that_leave_while_waiting_leave_nothing_behind() -> None:
+    # Clients that come and go during a long silence (a slow model, a tool call) must not
+    # pile up waiters on the reply; the one that stays still wakes.
+    message_id = uuid.uuid4()
+    generation, follow = _live_reply(message_id)
+    staying = asyncio.ensure_future(anext(follow()))
+    leaving = [asyncio.ensure_future(anext(follow())) for _ in range(50)]
+    await asyncio.sleep(0)
+    channel = generation._channel
+    assert isinstance(channel, MemoryChannel)
+    assert len(channel._waiting) == 51
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    assert len(channel._waiting) == 1
+    generation.append("Hello")
+    assert await asyncio.wait_for(staying, 1) == (Delta("Hello", 5),)
+    assert channel._waiting == []
 
 
 async def test_sse_starlette_still_sends_through_the_method_we_override(

@@ -60,7 +60,7 @@ def verify_token(settings: Settings, token: str) -> str:
     key = (hashlib.blake2b(token.encode(), digest_size=16).digest(), _verifier(settings))
     if (known := _verified.get(key)) is not None:
         user_id, expires = known
-        if time.time() <= expires:
+        if time.time() < expires:  # as PyJWT: expired from `exp` + leeway on
             return user_id
         del _verified[key]
         raise TokenExpired()

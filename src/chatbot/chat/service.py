@@ -129,7 +129,10 @@ class ChatService:
             await conversations.add_within(
                 self._session, conversation, limit=self._settings.max_conversations
             )
-            conversation = await self._reserve(user_id, conversation.id, assistant_id)
+            claimed = await self._reserve(user_id, conversation.id, assistant_id)
+            # The session's copy predates the claim: the claimed row is the one to read.
+            self._session.expunge(conversation)
+            conversation = claimed
             return await self._begin(
                 conversation, body.message, body, assistant_id, started, key, hashed
             )

@@ -9,6 +9,7 @@ processes behind the same two protocols, and nothing that produces or follows a 
 
 import asyncio
 import bisect
+import contextlib
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Protocol
@@ -148,7 +149,12 @@ class MemoryChannel:
                     raise OffBus()
                 waiter = asyncio.get_running_loop().create_future()
                 self._waiting.append(waiter)
-                await waiter
+                try:
+                    await waiter
+                finally:
+                    if not waiter.done() or waiter.cancelled():  # this follower left
+                        with contextlib.suppress(ValueError):
+                            self._waiting.remove(waiter)
         finally:
             self.followers -= 1
 

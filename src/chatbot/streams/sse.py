@@ -154,17 +154,19 @@ class _EventSourceResponse(EventSourceResponse):
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         task = asyncio.current_task()
         assert task is not None
+        cancelling = task.cancelling()
         self._sending[task] = asyncio.get_running_loop().time()
         try:
             await send(message)
         except asyncio.CancelledError:
-            if task not in self._timed_out:
-                raise
-            self._timed_out.discard(task)
-            task.uncancel()
-            raise SendTimeoutError() from None
+            # Ours only if no other cancellation came with it (as `asyncio.timeout` decides):
+            # a disconnect or a shutdown cancelling the stream meanwhile goes on as itself.
+            if task in self._timed_out and task.uncancel() <= cancelling:
+                raise SendTimeoutError() from None
+            raise
         finally:
             self._sending.pop(task, None)
+            self._timed_out.discard(task)
 
 
 def stream_response(
