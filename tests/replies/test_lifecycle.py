@@ -634,13 +634,6 @@ async def test_a_turn_compiles_no_sql_once_its_statements_were_seen(
     monkeypatch.setattr(compiler.SQLCompiler, "__init__", compiling)
     for content in ("one", "two", "three"):
         assert (await service.send(conversation["id"], content)).status_code == 201
-        async with service.client.stream(
-            "POST",
-            f"/v1/conversations/{conversation['id']}/messages?stream=true",
-            json={"content": content},
-            headers=service.auth(),
-        ) as streamed:
-            assert streamed.status_code == 200
-            await streamed.aread()
+        assert (await service.stream(conversation["id"], content))[-1].event == "done"
     await service.state.chores.idle()
     assert compiled == []
