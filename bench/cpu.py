@@ -81,12 +81,7 @@ async def _json_turn(target: Target, slot: Slot, expected: str) -> None:
     connection = slot.connection(target.name, target.port)
     path, body, headers = target.request(slot, SHORT.model)
     del headers["Accept"]  # JSON, once the reply has ended
-    try:
-        status = await connection.post(path, body, headers)
-        payload = b"".join([chunk async for chunk in connection.body()])
-    except BaseException:
-        connection.close()
-        raise
+    status, payload = await connection.post_whole(path, body, headers)
     if status != 201:
         raise TurnError(f"{target.name}: HTTP {status}: {payload[:300]!r}")
     reply = json.loads(payload)["assistant_message"]

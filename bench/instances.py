@@ -111,13 +111,8 @@ async def _start_turn(producer: Target, slot: Slot) -> str:
     """A turn started on the producer in the background (202): its reply's id."""
     connection = slot.connection(f"{producer.name} turns", producer.port)
     path, body, headers = producer.request(slot, MODEL, background=True)
-    try:
-        await connection.open()
-        status = await connection.post(path, body, headers)
-        payload = b"".join([chunk async for chunk in connection.body()])
-    except BaseException:
-        connection.close()  # whatever state it was left in, start afresh
-        raise
+    await connection.open()
+    status, payload = await connection.post_whole(path, body, headers)
     if status != 202:
         raise TurnError(f"{producer.name}: HTTP {status}: {payload[:300]!r}")
     return str(json.loads(payload)["assistant_message"]["id"])

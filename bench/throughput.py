@@ -89,12 +89,7 @@ async def _turn(server: Server, client: Client, turns_per_conversation: int) -> 
     connection = client.connection(server.name, server.port)
     path, body = _request(server, client, turns_per_conversation)
     headers = {"Authorization": f"Bearer {client.token}"}
-    try:
-        status = await connection.post(path, body, headers)
-        payload = b"".join([chunk async for chunk in connection.body()])
-    except BaseException:
-        connection.close()
-        raise
+    status, payload = await connection.post_whole(path, body, headers)
     if status not in (200, 201):
         raise TurnError(f"{server.name} {path}: HTTP {status}: {payload[:200]!r}")
     if speaks_ours(server.name):

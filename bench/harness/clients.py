@@ -47,6 +47,18 @@ class RawStream:
             headers,
         )
 
+    async def post_whole(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """`post`, then the whole body; the connection is dropped on any failure (whatever
+        state it was left in, the next request starts afresh)."""
+        try:
+            status = await self.post(path, body, headers)
+            return status, b"".join([chunk async for chunk in self.body()])
+        except BaseException:
+            self.close()
+            raise
+
     async def get(self, path: str, headers: dict[str, str]) -> int:
         """A GET (following a reply's stream), read like a POST's answer."""
         return await self._send(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n", b"", headers)
